@@ -1,0 +1,423 @@
+"""Plan-and-infill decoding (ReFusion's ``generate_refusion``), as small named steps.
+
+One iteration over the pending slots of the current block:
+
+* ``plan``    one masked forward over every pending slot: a draft per slot and
+              the confidence of its first token;
+* ``choose_slots``  the slots above ``slot_threshold`` (or the most confident);
+* ``verify``  the chosen drafts run causally after the committed cache;
+              ``accepted_prefix`` says how much of them reads as left-to-right text;
+* ``infill``  when less than one slot is accepted: complete the chosen slots in
+              parallel rows, each seeing the committed prefix and its own slot;
+* ``commit``  keep tokens, positions and the KV entries already in the cache.
+
+``generate_step`` yields a ``Commit`` after each iteration; ``generate_ids``
+collects them into a ``GenerationResult``. See ``shared/plan-and-infill.md``
+for the reference semantics; one upstream defect (text dropped when EOS is
+found while infilling) is fixed here.
+"""
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import CacheView, SlotCache
+from .errors import RefusionError
+from .sampling import draft_tokens, next_token_probability, probability_of
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """The upstream knobs; see the README for what each trades."""
+
+    gen_length: int = 128
+    slot_size: int = 8
+    serial_num_blocks: int = 2
+    slot_threshold: float = 0.9
+    token_threshold: float = 0.9
+    temperature: float = 0.0
+    seed: Optional[int] = None
+
+    @property
+    def padded_length(self) -> int:
+        """gen_length rounded up to whole slots, as upstream does."""
+        return -(-self.gen_length // self.slot_size) * self.slot_size
+
+    @property
+    def block_length(self) -> int:
+        return self.padded_length // self.serial_num_blocks
+
+    def validate(self):
+        """Raise RefusionError for knobs upstream would crash on or silently misuse."""
+        if self.slot_size <= 0:
+            raise RefusionError(f"slot_size must be positive, got {self.slot_size}")
+        if self.gen_length <= 0:
+            raise RefusionError(f"gen_length must be positive, got {self.gen_length}")
+        if self.serial_num_blocks <= 0:
+            raise RefusionError(f"serial_num_blocks must be positive, got {self.serial_num_blocks}")
+        unit = self.serial_num_blocks * self.slot_size
+        if self.padded_length % unit:
+            fit = -(-self.padded_length // unit) * unit
+            raise RefusionError(
+                f"gen_length {self.gen_length} does not fit {self.serial_num_blocks} blocks of "
+                f"whole {self.slot_size}-token slots (needs a multiple of {unit}; try {fit})"
+            )
+        for name in ("slot_threshold", "token_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise RefusionError(f"{name} must be in [0, 1], got {value}")
+        if self.temperature < 0:
+            raise RefusionError(f"temperature must be >= 0, got {self.temperature}")
+
+
+@dataclass
+class Commit:
+    """Tokens made final in one iteration, with their positions (in generation, 0-based)."""
+
+    positions: List[int]
+    tokens: List[int]
+    kind: str  # "verify" (accepted by the global verification) or "infill"
+    slots: int  # slots committed
+    tpf: float  # upstream's tokens-per-forward credit for this iteration
+
+
+@dataclass
+class DecodeState:
+    """What one generation has decided so far, and what it has cost."""
+
+    cache: SlotCache
+    prompt_length: int
+    uncached: List[int]  # prompt tokens not yet in the cache (fed with the first plan)
+    mask_id: int
+    eos_ids: frozenset
+    key: Optional[mx.array] = None
+    finished: bool = False  # an EOS was committed: stop after the current block
+    model_calls: int = 0
+    tokens_fed: int = 0
+
+
+@dataclass
+class Plan:
+    drafts: mx.array  # (pending, slot) drafted tokens
+    confidence: mx.array  # (pending,) probability of each slot's first token
+
+
+@dataclass
+class InfillResult:
+    tokens: np.ndarray  # (rows, slot) completed rows, rows after an EOS row dropped
+    rounds: int
+    eos_row: Optional[int]  # row holding the first EOS, if any
+
+
+def forward(model, state: DecodeState, tokens, positions, view: CacheView) -> mx.array:
+    """Run the model on ``tokens`` (host or lazy device array) as one flat sequence, counting the call."""
+    inputs = tokens if isinstance(tokens, mx.array) else mx.array(np.asarray(tokens, dtype=np.int32))
+    inputs = inputs.reshape(1, -1)
+    pos = mx.array(np.asarray(positions, dtype=np.int32).reshape(1, -1))
+    state.model_calls += 1
+    state.tokens_fed += inputs.size
+    return model(inputs, pos, state.cache, view)[0]
+
+
+def slot_positions(state: DecodeState, starts: Sequence[int], slot_size: int) -> np.ndarray:
+    """Absolute RoPE positions (slots, slot_size) of slots starting at generation offsets ``starts``."""
+    starts = np.asarray(starts, dtype=np.int64)[:, None]
+    return state.prompt_length + starts + np.arange(slot_size)[None]
+
+
+def plan(model, state: DecodeState, pending: Sequence[int], settings: DecodeSettings) -> Plan:
+    """Draft every pending slot with one masked forward; their KV is not kept."""
+    S = settings.slot_size
+    masks = [state.mask_id] * (len(pending) * S)
+    prompt_positions = list(range(len(state.uncached)))
+    tokens = state.uncached + masks
+    positions = prompt_positions + slot_positions(state, pending, S).reshape(-1).tolist()
+    logits = forward(model, state, tokens, positions, state.cache.append(len(tokens)))
+    # The prompt's entries (first iteration only) are kept; the masked slots' are not.
+    state.cache.commit(len(state.uncached))
+    state.uncached = []
+    logits = logits[len(prompt_positions) :].reshape(len(pending), S, -1)
+    key = None
+    if settings.temperature > 0:
+        state.key, key = mx.random.split(state.key)
+    drafts = draft_tokens(logits, settings.temperature, key)
+    confidence = probability_of(logits[:, 0], drafts[:, 0])
+    return Plan(drafts, confidence)
+
+
+def choose_slots(confidence: Sequence[float], slot_threshold: float) -> List[int]:
+    """Slots whose first-token confidence exceeds the threshold, else the single most confident."""
+    chosen = [i for i, c in enumerate(confidence) if c > slot_threshold]
+    return chosen or [int(np.argmax(confidence))]
+
+
+def verify(model, state: DecodeState, drafts: mx.array, positions: np.ndarray, token_threshold: float):
+    """Run the chosen drafts left to right after the cache; return (drafts, accepted) on the host.
+
+    A token is accepted when its left-to-right probability exceeds the
+    threshold; each slot's first token is always accepted. The KV written here
+    stays in place, so accepted slots can be committed without another forward.
+    """
+    flat = drafts.reshape(-1)
+    logits = forward(model, state, flat, positions, state.cache.append(flat.size))
+    accepted = next_token_probability(logits, flat).reshape(drafts.shape) > token_threshold
+    accepted[:, 0] = True
+    return np.array(drafts), np.array(accepted)
+
+
+def accepted_prefix(accepted: np.ndarray) -> int:
+    """Length of the run of accepted tokens over the chosen slots read as one sequence."""
+    flat = accepted.reshape(-1)
+    return int(flat.size if flat.all() else np.argmin(flat))
+
+
+def first_eos(tokens: np.ndarray, eos_ids: Iterable[int]) -> Optional[int]:
+    """Index of the first EOS in a flat token array, or None."""
+    hits = np.flatnonzero(np.isin(tokens, list(eos_ids)))
+    return int(hits[0]) if hits.size else None
+
+
+def commit(state: DecodeState, tokens: np.ndarray, positions: np.ndarray) -> int:
+    """Make the first tokens of ``tokens`` final, up to and including the first EOS.
+
+    Their KV entries were written, in the same order, right after the committed
+    ones by the last forward; committing only moves the cache's length.
+    Returns how many tokens were kept.
+    """
+    tokens = tokens.reshape(-1)
+    eos = first_eos(tokens, state.eos_ids)
+    kept = tokens.size if eos is None else eos + 1
+    state.cache.commit(kept)
+    return kept
+
+
+def infill(model, state: DecodeState, drafts: np.ndarray, positions: np.ndarray, tags: np.ndarray,
+           settings: DecodeSettings) -> InfillResult:
+    """Complete the chosen slots in parallel rows by alternating masked drafts and verification.
+
+    Row r sees the committed prefix and its own slot only. ``tags`` marks the
+    tokens already accepted (a prefix of each row). Each round re-drafts the
+    untagged tokens from the masked row, then verifies left to right; at least
+    one more token per row is accepted, so ``slot_size`` rounds always suffice.
+    """
+    S, threshold = settings.slot_size, settings.token_threshold
+    tokens, tags, positions = drafts.copy(), tags.copy(), positions.copy()
+    start, rounds, eos_row = 0, 0, None
+    while not tags.all() and rounds < S:
+        rounds += 1
+        rows = tokens.shape[0]
+        view = state.cache.rows(rows, S, start)
+        fed_positions = positions[:, start:]
+        masked = np.where(tags[:, start:] == 1, tokens[:, start:], state.mask_id)
+        draft_logits = forward(model, state, masked, fed_positions, view)
+        proposed = mx.argmax(draft_logits, axis=-1).reshape(rows, S - start)
+        fed = mx.where(mx.array(tags[:, start:] == 1), mx.array(tokens[:, start:]), proposed)
+        verify_logits = forward(model, state, fed, fed_positions, view)
+        p = next_token_probability(verify_logits.reshape(rows, S - start, -1), fed)
+        fed, p = np.array(fed), np.array(p)
+
+        tokens[:, start:] = fed
+        # A token whose predecessor is already accepted is accepted anyway: progress every round.
+        old = tags[:, start:]
+        forced = np.concatenate([np.ones((rows, 1), old.dtype), old[:, :-1]], axis=1) == 1
+        tags[:, start:] = np.cumprod((p > threshold) | forced, axis=1)
+
+        eos_hits = np.isin(tokens[:, start:], list(state.eos_ids)) & (tags[:, start:] == 1)
+        if eos_hits.any():
+            eos_row = int(np.flatnonzero(eos_hits.any(axis=1))[0])
+            tokens, tags, positions = tokens[: eos_row + 1], tags[: eos_row + 1], positions[: eos_row + 1]
+            tags[eos_row] = 1  # done: whatever follows the EOS is cut at commit
+
+        newly = int(tags[:, start:].sum(axis=1).min())
+        # While some row is unfinished, the last commonly accepted token is fed again next round.
+        start += newly - 1 if not tags.all() else newly
+    return InfillResult(tokens, rounds, eos_row)
+
+
+def generation_tpf(slot_size: int, slots: int, rounds: Optional[int] = None) -> float:
+    """Upstream's TPF credit: S*slots/2 for a verified commit, S*k/(2*(rounds+1)) for an infill."""
+    if rounds is None:
+        return slot_size * slots / 2
+    # Upstream derives the divisor from its loop variable, which stops at slot_size - 1.
+    return slot_size * slots / (2 * min(rounds + 1, slot_size))
+
+
+def iterate(model, state: DecodeState, pending: List[int], settings: DecodeSettings) -> Commit:
+    """One plan-verify(-infill) iteration; removes what it decides from ``pending``."""
+    S = settings.slot_size
+    drafted = plan(model, state, pending, settings)
+    chosen = choose_slots(drafted.confidence.tolist(), settings.slot_threshold)
+    starts = [pending[i] for i in chosen]
+    positions = slot_positions(state, starts, S)
+    drafts, accepted = verify(model, state, drafted.drafts[mx.array(chosen)], positions,
+                              settings.token_threshold)
+    prefix = accepted_prefix(accepted)
+    eos = first_eos(drafts.reshape(-1)[:prefix], state.eos_ids)
+
+    if eos is not None or prefix >= S:
+        slots = eos // S + 1 if eos is not None else prefix // S
+        kept = commit(state, drafts[:slots], positions[:slots])
+        done = set(starts[:slots])
+        if eos is not None:
+            state.finished = True
+            done |= {s for s in pending if s >= starts[slots - 1]}
+        pending[:] = [s for s in pending if s not in done]
+        flat_positions = positions[:slots].reshape(-1)[:kept]
+        return Commit(_offsets(state, flat_positions), drafts[:slots].reshape(-1)[:kept].tolist(),
+                      "verify", slots, generation_tpf(S, slots))
+
+    # Nothing committed: the verify pass's entries are simply rewritten by the infill rows.
+    tags = np.cumprod(accepted, axis=1).astype(np.int32)
+    result = infill(model, state, drafts, positions, tags, settings)
+    rows = result.tokens.shape[0]
+    kept = commit(state, result.tokens, positions[:rows])
+    done = set(starts)
+    if result.eos_row is not None:
+        state.finished = True
+        done |= {s for s in pending if s >= starts[result.eos_row]}
+    pending[:] = [s for s in pending if s not in done]
+    flat_positions = positions[:rows].reshape(-1)[:kept]
+    return Commit(_offsets(state, flat_positions), result.tokens.reshape(-1)[:kept].tolist(),
+                  "infill", rows, generation_tpf(S, len(chosen), result.rounds))
+
+
+def _offsets(state: DecodeState, positions: np.ndarray) -> List[int]:
+    return (positions - state.prompt_length).tolist()
+
+
+def resolve_eos(eos_token_id: Union[None, int, Iterable[int]], model) -> frozenset:
+    """EOS ids as a set: the argument, else the model config's; RefusionError if none."""
+    if eos_token_id is None:
+        eos_token_id = getattr(model.args, "eos_token_id", None)
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset([eos_token_id])
+    return frozenset(int(e) for e in eos_token_id)
+
+
+def resolve_mask_id(mask_id: Optional[int], model) -> int:
+    """The mask token id: the argument, else the model config's ``mask_token_id``."""
+    if mask_id is None:
+        mask_id = getattr(model.args, "mask_token_id", None)
+    if mask_id is None:
+        raise RefusionError(
+            "no mask token: the config has no mask_token_id and no <|mask|> token was found; "
+            "pass mask_id explicitly"
+        )
+    if not 0 <= mask_id < model.args.vocab_size:
+        raise RefusionError(f"mask_id {mask_id} is outside the vocabulary (size {model.args.vocab_size})")
+    return int(mask_id)
+
+
+def start_state(model, prompt_ids: Sequence[int], settings: DecodeSettings,
+                mask_id: Optional[int], eos_token_id) -> DecodeState:
+    """Validate the request and set up the cache and counters for one generation."""
+    settings.validate()
+    prompt_ids = [int(t) for t in prompt_ids]
+    if not prompt_ids:
+        raise RefusionError("the prompt is empty")
+    total = len(prompt_ids) + settings.padded_length
+    limit = model.args.max_position_embeddings
+    if total > limit:
+        raise RefusionError(
+            f"prompt ({len(prompt_ids)} tokens) + generation ({settings.padded_length}) = {total} "
+            f"exceeds the model's max_position_embeddings ({limit})"
+        )
+    if min(prompt_ids) < 0 or max(prompt_ids) >= model.args.vocab_size:
+        raise RefusionError(f"prompt token ids must be in [0, {model.args.vocab_size})")
+    key = None
+    if settings.temperature > 0:
+        seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")
+        key = mx.random.key(seed)
+    return DecodeState(
+        cache=SlotCache(len(model.layers), total),
+        prompt_length=len(prompt_ids),
+        uncached=prompt_ids,
+        mask_id=resolve_mask_id(mask_id, model),
+        eos_ids=resolve_eos(eos_token_id, model),
+        key=key,
+    )
+
+
+def generate_step(model, state: DecodeState, settings: DecodeSettings) -> Iterator[Commit]:
+    """Decode the blocks one after another, yielding each iteration's commit."""
+    block = settings.block_length
+    S = settings.slot_size
+    for b in range(settings.serial_num_blocks):
+        pending = list(range(b * block, (b + 1) * block, S))
+        while pending:
+            yield iterate(model, state, pending, settings)
+        if state.finished:
+            break
+
+
+@dataclass
+class GenerationResult:
+    """Generated ids in position order (ending with the first EOS, if any) and what they cost."""
+
+    tokens: List[int]
+    tpf: float  # upstream's TPF, for comparison with the paper
+    model_calls: int
+    tokens_fed: int
+    wall_time: float  # seconds
+    peak_memory: float  # GB, as reported by MLX
+    iterations: int = 0
+    commits: List[Commit] = field(default_factory=list, repr=False)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.wall_time if self.wall_time > 0 else 0.0
+
+    @property
+    def tokens_per_call(self) -> float:
+        """Honest parallelism: generated tokens per model forward, every forward counted."""
+        return len(self.tokens) / self.model_calls if self.model_calls else 0.0
+
+
+def in_position_order(commits: Sequence[Commit], eos_ids) -> List[int]:
+    """The committed tokens sorted by position, cut after the first EOS."""
+    placed = sorted((p, t) for c in commits for p, t in zip(c.positions, c.tokens))
+    tokens = [t for _, t in placed]
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+def generate_ids(
+    model,
+    prompt_ids: Sequence[int],
+    *,
+    gen_length: int = 128,
+    slot_size: int = 8,
+    serial_num_blocks: int = 2,
+    slot_threshold: float = 0.9,
+    token_threshold: float = 0.9,
+    temperature: float = 0.0,
+    seed: Optional[int] = None,
+    mask_id: Optional[int] = None,
+    eos_token_id: Union[None, int, Iterable[int]] = None,
+) -> GenerationResult:
+    """Plan-and-infill generation from token ids; see ``DecodeSettings`` for the knobs."""
+    settings = DecodeSettings(gen_length, slot_size, serial_num_blocks, slot_threshold,
+                              token_threshold, temperature, seed)
+    state = start_state(model, prompt_ids, settings, mask_id, eos_token_id)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    commits = list(generate_step(model, state, settings))
+    wall = time.perf_counter() - tic
+    return GenerationResult(
+        tokens=in_position_order(commits, state.eos_ids),
+        tpf=sum(c.tpf for c in commits) / len(commits),
+        model_calls=state.model_calls,
+        tokens_fed=state.tokens_fed,
+        wall_time=wall,
+        peak_memory=mx.get_peak_memory() / 1e9,
+        iterations=len(commits),
+        commits=commits,
+    )

@@ -1,0 +1,184 @@
+"""Loading ReFusion checkpoints: a local HF/MLX folder or a Hugging Face hub repo.
+
+Safetensors only: ``.bin``/``.pt`` files are never unpickled and no code shipped in
+a checkpoint folder is ever run. Weight loading and quantized layers come from
+mlx-lm; what is ours is the model class and the checks that turn a broken
+folder into one clear line.
+"""
+
+import json
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+from .errors import RefusionError
+from .model import Model, ModelArgs
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "refusion")
+MASK_TOKEN = "<|mask|>"
+# What a hub download may fetch: configs, safetensors, tokenizer files. No code, no pickles.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt", "*.md"]
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def resolve_path(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """A local folder as is; otherwise a hub repo id, downloaded (or found in the hub cache)."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise RefusionError(f"{path} is a file; expected a model folder")
+        return path
+    text = str(path_or_repo)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise RefusionError(f"model folder not found: {text}")
+    return _download(text, revision)
+
+
+def _download(repo_id: str, revision: Optional[str]) -> Path:
+    """Fetch the safe files of a hub repo; offline or missing repos give one clear line."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except hub_errors.RepositoryNotFoundError:
+        raise RefusionError(f"no such model on the Hugging Face hub (or no access): {repo_id}") from None
+    except hub_errors.RevisionNotFoundError:
+        raise RefusionError(f"revision {revision!r} not found in {repo_id}") from None
+    except hub_errors.LocalEntryNotFoundError:
+        raise RefusionError(
+            f"{repo_id} is not in the local hub cache and the hub cannot be reached "
+            "(offline?); download it on a connected machine or pass a local folder"
+        ) from None
+    except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RefusionError(f"cannot download {repo_id}: {first}") from None
+
+
+def read_config(path: Path) -> dict:
+    """config.json as a dict, checked for a supported model type."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise RefusionError(f"no config.json in {path}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RefusionError(f"{config_file} is not valid JSON ({e})") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise RefusionError(f"unsupported model_type {model_type!r} in {config_file} (expected qwen3)")
+    if "model_file" in config:
+        raise RefusionError(f"{config_file} asks to run custom code ({config['model_file']}); refusing")
+    return config
+
+
+def check_weight_files(path: Path):
+    """Make sure the safetensors the folder promises are there; refuse pickled weights."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.exists():
+        try:
+            shards = set(json.loads(index_file.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise RefusionError(f"{index_file} is not a valid safetensors index ({e})") from None
+        missing = sorted(s for s in shards if not (path / s).exists())
+        if missing:
+            raise RefusionError(f"missing weight shard listed in {index_file.name}: {missing[0]}")
+    if not list(path.glob("model*.safetensors")):
+        pickles = [p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        if pickles:
+            raise RefusionError(
+                f"{path} has only pickled weights ({pickles[0]}); they are never unpickled here. "
+                "Convert them to safetensors first"
+            )
+        raise RefusionError(f"no model*.safetensors weights in {path}")
+
+
+def load_model(path: Union[str, Path], dtype: Optional[str] = None) -> Model:
+    """Build the model from a folder (weights + config.json); no tokenizer needed.
+
+    ``dtype`` (float16|bfloat16|float32) casts floating weights; by default the
+    checkpoint's dtype is kept.
+    """
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    path = resolve_path(path)
+    read_config(path)
+    check_weight_files(path)
+    try:
+        model, _ = mlx_lm_load_model(path, lazy=True, get_model_classes=lambda config: (Model, ModelArgs))
+    except RefusionError:
+        raise
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RefusionError(f"cannot load weights from {path}: {first}") from None
+    if dtype is not None:
+        cast_floating(model, dtype)
+    try:
+        mx.eval(model.parameters())
+    except (ValueError, RuntimeError) as e:
+        raise RefusionError(f"cannot read weights from {path}: {e}") from None
+    return model
+
+
+def cast_floating(model: nn.Module, dtype: str):
+    """Cast the model's floating-point parameters (quantized packs stay as they are)."""
+    if dtype not in DTYPES:
+        raise RefusionError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    target = DTYPES[dtype]
+    model.update(tree_map(lambda w: w.astype(target) if mx.issubdtype(w.dtype, mx.floating) else w,
+                          model.parameters()))
+
+
+def load_tokenizer(path: Path, model: Model):
+    """mlx-lm's TokenizerWrapper for the folder, with EOS ids from the config."""
+    from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
+
+    eos = model.args.eos_token_id
+    try:
+        return mlx_lm_load_tokenizer(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RefusionError(f"cannot load the tokenizer from {path}: {first}") from None
+
+
+def find_mask_id(model: Model, tokenizer) -> int:
+    """The mask token: config's ``mask_token_id``, else the tokenizer's ``<|mask|>``."""
+    if model.args.mask_token_id is not None:
+        return model.args.mask_token_id
+    mask_id = tokenizer.get_vocab().get(MASK_TOKEN)
+    if mask_id is None:
+        raise RefusionError("the config has no mask_token_id and the tokenizer has no <|mask|> token")
+    return mask_id
+
+
+def load(
+    path_or_repo: Union[str, Path],
+    adapter_path: Optional[str] = None,
+    dtype: Optional[str] = None,
+    revision: Optional[str] = None,
+) -> Tuple[Model, object]:
+    """Load (model, tokenizer) from a local folder or a hub repo id, with optional adapters."""
+    path = resolve_path(path_or_repo, revision)
+    model = load_model(path, dtype=dtype)
+    tokenizer = load_tokenizer(path, model)
+    model.args.mask_token_id = find_mask_id(model, tokenizer)
+    if adapter_path is not None:
+        load_adapters(model, adapter_path)
+    return model, tokenizer
+
+
+def load_adapters(model: Model, adapter_path: Union[str, Path]):
+    """Apply fine-tuned adapters saved in mlx-lm's layout (adapter_config.json + adapters.safetensors)."""
+    from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
+
+    adapter_path = Path(adapter_path)
+    if not (adapter_path / "adapter_config.json").exists():
+        raise RefusionError(f"no adapter_config.json in {adapter_path}")
+    try:
+        mlx_lm_load_adapters(model, str(adapter_path))
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise RefusionError(f"cannot load adapters from {adapter_path}: {e}") from None
+    model.eval()

@@ -1,0 +1,193 @@
+"""ReFusion's network: Qwen3 with explicit position ids and attention causal in cache order.
+
+The weights are plain Qwen3 (HF names kept), so a folder we save also loads with
+``mlx_lm.load`` as ``qwen3``. What ReFusion adds is in how the model is called:
+every token carries its own RoPE position (slots are committed out of order), and
+the caller says where the new keys go in the cache and what each query may see
+(see ``cache.CacheView``).
+"""
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import BaseModelArgs
+
+from .errors import RefusionError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear")
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    rms_norm_eps: float
+    vocab_size: int
+    num_key_value_heads: Optional[int] = None
+    max_position_embeddings: int = 40960
+    rope_theta: float = 1000000.0
+    head_dim: Optional[int] = None
+    tie_word_embeddings: bool = False
+    rope_scaling: Optional[Dict[str, Union[float, str]]] = None
+    attention_bias: bool = False
+    mask_token_id: Optional[int] = None
+    eos_token_id: Optional[Union[int, list]] = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise RefusionError(
+                f"num_attention_heads ({self.num_attention_heads}) is not a multiple "
+                f"of num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise RefusionError(
+                f"rope_scaling type {self.rope_type!r} is not supported "
+                f"(supported: none, linear)"
+            )
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type") or self.rope_scaling.get("type") or "default"
+
+    @property
+    def rope_scale(self) -> float:
+        """Multiplier on positions: 1/factor for linear scaling."""
+        if self.rope_type == "linear":
+            return 1.0 / float(self.rope_scaling["factor"])
+        return 1.0
+
+
+def rotate_at(rope: nn.RoPE, x: mx.array, positions: mx.array) -> mx.array:
+    """Apply RoPE to ``x`` (B, H, L, D) with one position per token, ``positions`` (B, L)."""
+    B, H, L, D = x.shape
+    # mx.fast.rope takes one offset per batch entry: put every token on the batch axis.
+    per_token = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
+    rotated = rope(per_token, offset=positions.reshape(-1))
+    return rotated.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim = args.hidden_size
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        head_dim = args.head_dim
+        self.scale = head_dim**-0.5
+        bias = args.attention_bias
+
+        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=bias)
+        self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+        self.rope = nn.RoPE(head_dim, traditional=False, base=args.rope_theta, scale=args.rope_scale)
+
+    def __call__(self, x, positions, mask=None, cache=None, view=None):
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+
+        q = rotate_at(self.rope, q, positions)
+        k = rotate_at(self.rope, k, positions)
+        if cache is not None:
+            k, v = cache.store(k, v, view)
+
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+
+    def __call__(self, x) -> mx.array:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x, positions, mask=None, cache=None, view=None):
+        h = x + self.self_attn(self.input_layernorm(x), positions, mask, cache, view)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs, positions, cache=None, view=None):
+        h = self.embed_tokens(inputs)
+        if view is not None:
+            mask = view.mask
+        else:
+            mask = "causal" if inputs.shape[1] > 1 else None
+        layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
+        for layer, layer_cache in zip(self.layers, layer_caches):
+            h = layer(h, positions, mask, layer_cache, view)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = Qwen3Model(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        positions: Optional[mx.array] = None,
+        cache: Optional[Any] = None,
+        view: Optional[Any] = None,
+    ) -> mx.array:
+        """Logits for ``inputs`` (B, L) at RoPE ``positions`` (B, L; default 0..L-1).
+
+        With a ``cache`` (``cache.SlotCache``), ``view`` says where the new keys
+        are written and which cached entries each query attends to.
+        """
+        if positions is None:
+            positions = mx.broadcast_to(mx.arange(inputs.shape[1]), inputs.shape)
+        out = self.model(inputs, positions, cache, view)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(out)
+        return self.lm_head(out)
+
+    def sanitize(self, weights):
+        """Drop what our module tree has no place for (tied heads, rotary buffers)."""
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+
+    @property
+    def layers(self):
+        return self.model.layers
