@@ -20,7 +20,7 @@ found while infilling) is fixed here.
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -72,6 +72,21 @@ class DecodeSettings:
                 raise RefusionError(f"{name} must be in [0, 1], got {value}")
         if self.temperature < 0:
             raise RefusionError(f"temperature must be >= 0, got {self.temperature}")
+
+
+# The paper's evaluation settings (upstream eval.sh): slot size, blocks, thresholds; 512 tokens.
+PRESETS: Dict[str, dict] = {
+    "gsm8k": dict(slot_size=32, serial_num_blocks=4, slot_threshold=0.9, token_threshold=0.4),
+    "math": dict(slot_size=32, serial_num_blocks=8, slot_threshold=0.8, token_threshold=0.6),
+    "mbpp": dict(slot_size=32, serial_num_blocks=4, slot_threshold=0.9, token_threshold=0.3),
+    "humaneval": dict(slot_size=32, serial_num_blocks=4, slot_threshold=0.9, token_threshold=0.4),
+    "gpqa": dict(slot_size=8, serial_num_blocks=32, slot_threshold=0.8, token_threshold=0.2),
+    "arc": dict(slot_size=8, serial_num_blocks=64, slot_threshold=0.8, token_threshold=0.1),
+    "mmlu-pro": dict(slot_size=16, serial_num_blocks=4, slot_threshold=0.9, token_threshold=0.4),
+}
+PRESET_GEN_LENGTH = 512
+# Without a preset (CLI and text API): upstream generate.py's example settings.
+DEFAULTS = dict(gen_length=512, slot_size=4, serial_num_blocks=32, slot_threshold=0.6, token_threshold=0.3)
 
 
 @dataclass
@@ -389,6 +404,20 @@ def in_position_order(commits: Sequence[Commit], eos_ids) -> List[int]:
     return tokens
 
 
+def summarize(commits: Sequence[Commit], state: DecodeState, wall_time: float) -> GenerationResult:
+    """Collect one generation's commits and counters into a result."""
+    return GenerationResult(
+        tokens=in_position_order(commits, state.eos_ids),
+        tpf=sum(c.tpf for c in commits) / max(len(commits), 1),
+        model_calls=state.model_calls,
+        tokens_fed=state.tokens_fed,
+        wall_time=wall_time,
+        peak_memory=mx.get_peak_memory() / 1e9,
+        iterations=len(commits),
+        commits=list(commits),
+    )
+
+
 def generate_ids(
     model,
     prompt_ids: Sequence[int],
@@ -410,14 +439,4 @@ def generate_ids(
     mx.reset_peak_memory()
     tic = time.perf_counter()
     commits = list(generate_step(model, state, settings))
-    wall = time.perf_counter() - tic
-    return GenerationResult(
-        tokens=in_position_order(commits, state.eos_ids),
-        tpf=sum(c.tpf for c in commits) / len(commits),
-        model_calls=state.model_calls,
-        tokens_fed=state.tokens_fed,
-        wall_time=wall,
-        peak_memory=mx.get_peak_memory() / 1e9,
-        iterations=len(commits),
-        commits=commits,
-    )
+    return summarize(commits, state, time.perf_counter() - tic)

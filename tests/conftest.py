@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny checkpoints written once per test session."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import tiny_config, write_checkpoint, write_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    """GQA, untied head, sharpened outputs, with a tokenizer: the everyday test model."""
+    path = tmp_path_factory.mktemp("tiny")
+    write_checkpoint(path, tiny_config(), seed=0, head_scale=8.0)
+    write_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_path):
+    from refusion_mlx import load_model
+
+    return load_model(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_model(tiny_path):
+    from refusion_mlx import load
+
+    return load(tiny_path)

@@ -1,0 +1,222 @@
+"""The decoder: each step alone, the whole decoder against the plain reference, and control flow."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from refusion_mlx import RefusionError, generate_ids
+from refusion_mlx.decode import (
+    DecodeSettings,
+    accepted_prefix,
+    choose_slots,
+    first_eos,
+    generation_tpf,
+    generate_step,
+    start_state,
+)
+from reference_decoder import reference_generate
+from scripted_model import ScriptedModel
+
+MASK, EOS = 319, 317
+
+
+# --- the steps, alone ---------------------------------------------------------------------
+
+def test_choose_slots_takes_confident_ones_in_position_order_or_the_best():
+    assert choose_slots([0.95, 0.2, 0.91, 0.5], 0.9) == [0, 2]
+    assert choose_slots([0.3, 0.6, 0.5], 0.9) == [1]
+    assert choose_slots([0.9, 0.9], 0.9) == [0]  # strictly greater: none pass, the first maximum wins
+
+
+def test_accepted_prefix_reads_the_chosen_slots_as_one_sequence():
+    acc = np.array([[1, 1, 1], [1, 0, 1]], dtype=bool)
+    assert accepted_prefix(acc) == 4
+    assert accepted_prefix(np.ones((2, 3), dtype=bool)) == 6
+    assert accepted_prefix(np.array([[1, 0, 1]], dtype=bool)) == 1
+
+
+def test_first_eos_accepts_several_ids():
+    assert first_eos(np.array([5, 6, 7, 6]), {7, 6}) == 1
+    assert first_eos(np.array([5, 5]), {7}) is None
+
+
+def test_tpf_credit_matches_upstream_formula():
+    assert generation_tpf(8, 3) == 12.0  # verified commit: S * slots / 2
+    assert generation_tpf(8, 2, rounds=1) == 8 * 2 / 4  # infill: S * k / (2 * (rounds + 1))
+    assert generation_tpf(4, 2, rounds=4) == 4 * 2 / 8  # capped at 2 * S, like upstream's loop
+
+
+@pytest.mark.parametrize("knobs, message", [
+    (dict(slot_size=0), "slot_size"),
+    (dict(gen_length=20, slot_size=4, serial_num_blocks=2), "does not fit"),
+    (dict(slot_threshold=1.5), "slot_threshold"),
+    (dict(token_threshold=-0.1), "token_threshold"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(serial_num_blocks=0), "serial_num_blocks"),
+])
+def test_bad_knobs_are_refused(tiny_model, knobs, message):
+    with pytest.raises(RefusionError, match=message):
+        generate_ids(tiny_model, [1, 2, 3], mask_id=MASK, **knobs)
+
+
+def test_prompt_plus_generation_must_fit_positions(tiny_model):
+    with pytest.raises(RefusionError, match="max_position_embeddings"):
+        generate_ids(tiny_model, list(range(100)) * 10, gen_length=64, slot_size=8)
+
+
+def test_empty_prompt_is_refused(tiny_model):
+    with pytest.raises(RefusionError, match="empty"):
+        generate_ids(tiny_model, [])
+
+
+def test_gen_length_is_padded_to_whole_slots(tiny_model):
+    r = generate_ids(tiny_model, [5, 6, 7], gen_length=13, slot_size=4, serial_num_blocks=2,
+                     slot_threshold=0.5, token_threshold=0.5, eos_token_id=[])
+    assert len(r.tokens) == 16
+
+
+# --- the whole decoder against the reference --------------------------------------------
+
+def grid():
+    rng = np.random.default_rng(1234)
+    cases = []
+    combos = itertools.product([4, 8, 32], [1, 2, 4, 8], [0.1, 0.5, 0.9], [0.1, 0.5, 0.9])
+    for S, B, ts, tt in combos:
+        if S == 32 and B > 2:
+            continue
+        if rng.random() < 0.55:  # a fixed, seeded subset keeps the suite fast
+            continue
+        cases.append((S, B, ts, tt, int(rng.integers(0, 3))))
+    return cases
+
+
+def run_both(model, prompt, S, B, ts, tt, eos):
+    G = S * B * (2 if S < 32 else 1)
+    ours = generate_ids(model, prompt, gen_length=G, slot_size=S, serial_num_blocks=B,
+                        slot_threshold=ts, token_threshold=tt, mask_id=MASK, eos_token_id=eos)
+    ref, ref_tpf = reference_generate(model, prompt, G, S, B, ts, tt, MASK, eos)
+    return ours, ref, ref_tpf
+
+
+@pytest.fixture(scope="module")
+def grid_models(tmp_path_factory):
+    """Three sharpness levels, so that confidences land on both sides of every threshold."""
+    from checkpoints import tiny_config, write_checkpoint
+    from refusion_mlx import load_model
+
+    models = []
+    for seed, scale in [(1, 3.0), (2, 8.0), (3, 20.0)]:
+        path = write_checkpoint(tmp_path_factory.mktemp(f"grid{seed}"), tiny_config(), seed=seed,
+                                head_scale=scale)
+        models.append(load_model(path))
+    return models
+
+
+def test_decoder_equals_reference_across_the_grid(grid_models):
+    rng = np.random.default_rng(7)
+    seen = {"verify": 0, "infill": 0, "eos_verify": 0, "eos_infill": 0, "rows>1": 0}
+    for S, B, ts, tt, which in grid():
+        model = grid_models[which]
+        prompt = rng.integers(0, 315, size=int(rng.integers(3, 12))).tolist()
+        # First without EOS, then with an EOS id the model really produces mid-way through.
+        free, _, _ = run_both(model, prompt, S, B, ts, tt, [])
+        eos = free.tokens[int(rng.integers(len(free.tokens) // 4, len(free.tokens)))]
+        for eos_ids in ([], [eos]):
+            ours, ref, ref_tpf = run_both(model, prompt, S, B, ts, tt, eos_ids)
+            case = (S, B, ts, tt, which, eos_ids)
+            assert ours.tokens == ref, case
+            assert ours.tpf == pytest.approx(ref_tpf), case
+            for c in ours.commits:
+                seen[c.kind] += 1
+                seen["rows>1"] += c.kind == "infill" and c.slots > 1
+                if eos_ids and eos_ids[0] in c.tokens:
+                    seen["eos_" + c.kind] += 1
+    # The grid must actually exercise every path it claims to test.
+    assert all(seen.values()), seen
+
+
+def test_same_seed_same_tokens_different_seed_different(tiny_model):
+    def sample(seed):
+        return generate_ids(tiny_model, [3, 4, 5, 6], gen_length=32, slot_size=4, serial_num_blocks=2,
+                            slot_threshold=0.5, token_threshold=0.5, temperature=1.0, seed=seed,
+                            eos_token_id=[]).tokens
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_greedy_ignores_seed(tiny_model):
+    runs = {tuple(generate_ids(tiny_model, [3, 4, 5], gen_length=16, slot_size=4, seed=s).tokens)
+            for s in (1, 2)}
+    assert len(runs) == 1
+
+
+# --- control flow, steered by a scripted model --------------------------------------------
+
+def scripted(text_len, mask_prob, next_prob, eos_at=None, prompt_len=2):
+    text = [(i % 25) + 1 for i in range(text_len)]
+    if eos_at is not None:
+        text[prompt_len + eos_at] = 30
+    return ScriptedModel(text, mask_prob, next_prob)
+
+
+def test_eos_found_while_infilling_keeps_the_text_before_it():
+    """Upstream drops pending slots by *row index* here and loses text; we must not."""
+    P, S, G = 2, 4, 16
+    mask_prob = [0.05] * (P + G)
+    next_prob = [0.99] * (P + G)
+    mask_prob[P + 0] = mask_prob[P + 8] = 0.95  # slots 0 and 2 are chosen first
+    next_prob[P + 2] = 0.01  # slot 0 fails verification at its third token -> infill
+    model = scripted(P + G, mask_prob, next_prob, eos_at=9)  # EOS inside slot 2 (row 1)
+    settings = DecodeSettings(G, S, 1, 0.9, 0.5)
+    state = start_state(model, [1, 2], settings, None, None)
+    commits = list(generate_step(model, state, settings))
+    assert commits[0].kind == "infill" and commits[0].slots == 2
+    assert 4 in commits[1].positions  # slot 1 (before the EOS) is still decoded
+    result = generate_ids(model, [1, 2], gen_length=G, slot_size=S, serial_num_blocks=1,
+                          slot_threshold=0.9, token_threshold=0.5)
+    assert result.tokens == model.text[P:P + 10]  # contiguous, ending with the EOS
+    ref, _ = reference_generate(model, [1, 2], G, S, 1, 0.9, 0.5, 31, [30])
+    assert ref == result.tokens
+
+
+def test_verified_prefix_commits_whole_slots_and_returns_the_rest():
+    P, S, G = 2, 4, 12
+    mask_prob = [0.95] * (P + G)
+    next_prob = [0.99] * (P + G)
+    next_prob[P + 6] = 0.01  # the second chosen slot breaks at its third token
+    model = scripted(P + G, mask_prob, next_prob)
+    settings = DecodeSettings(G, S, 1, 0.9, 0.5)
+    state = start_state(model, [1, 2], settings, None, [])
+    first = next(generate_step(model, state, settings))
+    assert first.kind == "verify" and first.positions == [0, 1, 2, 3]
+    assert first.tpf == S * 1 / 2
+
+
+def test_eos_in_verified_prefix_truncates_and_drops_later_slots():
+    P, S, G = 2, 4, 16
+    model = scripted(P + G, [0.95] * (P + G), [0.99] * (P + G), eos_at=5)
+    r = generate_ids(model, [1, 2], gen_length=G, slot_size=S, serial_num_blocks=1,
+                     slot_threshold=0.9, token_threshold=0.5)
+    assert r.tokens == model.text[P:P + 6]
+    assert r.commits[0].kind == "verify" and r.iterations == 1
+
+
+def test_blocks_are_decoded_in_order():
+    P, S, G = 2, 4, 16
+    model = scripted(P + G, [0.95] * (P + G), [0.01] * (P + G))
+    r = generate_ids(model, [1, 2], gen_length=G, slot_size=S, serial_num_blocks=4,
+                     slot_threshold=0.9, token_threshold=0.5, eos_token_id=[])
+    starts = [min(c.positions) for c in r.commits]
+    assert starts == sorted(starts) and len(r.commits) == 4
+    assert r.tokens == model.text[P:P + G]
+
+
+def test_stats_count_every_forward(tiny_model):
+    r = generate_ids(tiny_model, [3, 4, 5], gen_length=32, slot_size=4, serial_num_blocks=2,
+                     slot_threshold=0.5, token_threshold=0.5, eos_token_id=[])
+    infill_rounds = sum(1 for c in r.commits if c.kind == "infill")
+    assert r.model_calls >= 2 * r.iterations + 2 * infill_rounds
+    assert r.tokens_fed >= 3 + 32 and r.wall_time > 0 and r.tokens_per_second > 0
+    assert r.tokens_per_call == pytest.approx(len(r.tokens) / r.model_calls)
