@@ -117,25 +117,30 @@ class DecodeState:
 
 @dataclass
 class Plan:
+    """What one masked forward proposes for the pending slots."""
+
     drafts: mx.array  # (pending, slot) drafted tokens
     confidence: mx.array  # (pending,) probability of each slot's first token
 
 
 @dataclass
 class InfillResult:
+    """Slots completed by parallel infilling."""
+
     tokens: np.ndarray  # (rows, slot) completed rows, rows after an EOS row dropped
     rounds: int
     eos_row: Optional[int]  # row holding the first EOS, if any
 
 
-def forward(model, state: DecodeState, tokens, positions, view: CacheView) -> mx.array:
-    """Run the model on ``tokens`` (host or lazy device array) as one flat sequence, counting the call."""
+def forward(model, state: DecodeState, tokens, positions, view: CacheView,
+            last: Optional[int] = None) -> mx.array:
+    """Logits of ``tokens`` (host or lazy device array) fed as one flat sequence; counts the call."""
     inputs = tokens if isinstance(tokens, mx.array) else mx.array(np.asarray(tokens, dtype=np.int32))
     inputs = inputs.reshape(1, -1)
     pos = mx.array(np.asarray(positions, dtype=np.int32).reshape(1, -1))
     state.model_calls += 1
     state.tokens_fed += inputs.size
-    return model(inputs, pos, state.cache, view)[0]
+    return model(inputs, pos, state.cache, view, last=last)[0]
 
 
 def slot_positions(state: DecodeState, starts: Sequence[int], slot_size: int) -> np.ndarray:
@@ -147,15 +152,14 @@ def slot_positions(state: DecodeState, starts: Sequence[int], slot_size: int) ->
 def plan(model, state: DecodeState, pending: Sequence[int], settings: DecodeSettings) -> Plan:
     """Draft every pending slot with one masked forward; their KV is not kept."""
     S = settings.slot_size
-    masks = [state.mask_id] * (len(pending) * S)
-    prompt_positions = list(range(len(state.uncached)))
-    tokens = state.uncached + masks
-    positions = prompt_positions + slot_positions(state, pending, S).reshape(-1).tolist()
-    logits = forward(model, state, tokens, positions, state.cache.append(len(tokens)))
+    n = len(pending) * S
+    tokens = state.uncached + [state.mask_id] * n
+    positions = list(range(len(state.uncached))) + slot_positions(state, pending, S).reshape(-1).tolist()
+    logits = forward(model, state, tokens, positions, state.cache.append(len(tokens)), last=n)
     # The prompt's entries (first iteration only) are kept; the masked slots' are not.
     state.cache.commit(len(state.uncached))
     state.uncached = []
-    logits = logits[len(prompt_positions) :].reshape(len(pending), S, -1)
+    logits = logits.reshape(len(pending), S, -1)
     key = None
     if settings.temperature > 0:
         state.key, key = mx.random.split(state.key)
@@ -196,7 +200,7 @@ def first_eos(tokens: np.ndarray, eos_ids: Iterable[int]) -> Optional[int]:
     return int(hits[0]) if hits.size else None
 
 
-def commit(state: DecodeState, tokens: np.ndarray, positions: np.ndarray) -> int:
+def commit(state: DecodeState, tokens: np.ndarray) -> int:
     """Make the first tokens of ``tokens`` final, up to and including the first EOS.
 
     Their KV entries were written, in the same order, right after the committed
@@ -274,38 +278,38 @@ def iterate(model, state: DecodeState, pending: List[int], settings: DecodeSetti
     eos = first_eos(drafts.reshape(-1)[:prefix], state.eos_ids)
 
     if eos is not None or prefix >= S:
-        slots = eos // S + 1 if eos is not None else prefix // S
-        kept = commit(state, drafts[:slots], positions[:slots])
-        done = set(starts[:slots])
-        if eos is not None:
-            state.finished = True
-            done |= {s for s in pending if s >= starts[slots - 1]}
-        pending[:] = [s for s in pending if s not in done]
-        flat_positions = positions[:slots].reshape(-1)[:kept]
-        return Commit(_offsets(state, flat_positions), drafts[:slots].reshape(-1)[:kept].tolist(),
-                      "verify", slots, generation_tpf(S, slots))
+        n = eos // S + 1 if eos is not None else prefix // S
+        return settle(state, pending, starts[:n], drafts[:n], positions[:n],
+                      n - 1 if eos is not None else None, "verify", generation_tpf(S, n))
 
     # Nothing committed: the verify pass's entries are simply rewritten by the infill rows.
     tags = np.cumprod(accepted, axis=1).astype(np.int32)
     result = infill(model, state, drafts, positions, tags, settings)
-    rows = result.tokens.shape[0]
-    kept = commit(state, result.tokens, positions[:rows])
+    n = result.tokens.shape[0]
+    return settle(state, pending, starts[:n], result.tokens, positions[:n], result.eos_row, "infill",
+                  generation_tpf(S, len(chosen), result.rounds))
+
+
+def settle(state: DecodeState, pending: List[int], starts: List[int], tokens: np.ndarray,
+           positions: np.ndarray, eos_slot: Optional[int], kind: str, tpf: float) -> Commit:
+    """Commit these slots, take them off ``pending`` and describe the commit.
+
+    If slot ``eos_slot`` holds an EOS, every pending slot from it onward is
+    dropped too (by position: upstream drops by row index while infilling and
+    loses the text of slots before the EOS) and generation ends with the block.
+    """
+    kept = commit(state, tokens)
     done = set(starts)
-    if result.eos_row is not None:
+    if eos_slot is not None:
         state.finished = True
-        done |= {s for s in pending if s >= starts[result.eos_row]}
+        done |= {s for s in pending if s >= starts[eos_slot]}
     pending[:] = [s for s in pending if s not in done]
-    flat_positions = positions[:rows].reshape(-1)[:kept]
-    return Commit(_offsets(state, flat_positions), result.tokens.reshape(-1)[:kept].tolist(),
-                  "infill", rows, generation_tpf(S, len(chosen), result.rounds))
-
-
-def _offsets(state: DecodeState, positions: np.ndarray) -> List[int]:
-    return (positions - state.prompt_length).tolist()
+    offsets = positions.reshape(-1)[:kept] - state.prompt_length
+    return Commit(offsets.tolist(), tokens.reshape(-1)[:kept].tolist(), kind, len(starts), tpf)
 
 
 def resolve_eos(eos_token_id: Union[None, int, Iterable[int]], model) -> frozenset:
-    """EOS ids as a set: the argument, else the model config's; RefusionError if none."""
+    """EOS ids as a set: the argument, else the model config's (possibly none)."""
     if eos_token_id is None:
         eos_token_id = getattr(model.args, "eos_token_id", None)
     if eos_token_id is None:

@@ -169,15 +169,20 @@ class Model(nn.Module):
         positions: Optional[mx.array] = None,
         cache: Optional[Any] = None,
         view: Optional[Any] = None,
+        last: Optional[int] = None,
     ) -> mx.array:
         """Logits for ``inputs`` (B, L) at RoPE ``positions`` (B, L; default 0..L-1).
 
         With a ``cache`` (``cache.SlotCache``), ``view`` says where the new keys
-        are written and which cached entries each query attends to.
+        are written and which cached entries each query attends to. ``last``
+        limits the logits to the last tokens (the vocabulary projection of a
+        long prompt is costly and rarely needed).
         """
         if positions is None:
             positions = mx.broadcast_to(mx.arange(inputs.shape[1]), inputs.shape)
         out = self.model(inputs, positions, cache, view)
+        if last is not None:
+            out = out[:, -last:]
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(out)
         return self.lm_head(out)

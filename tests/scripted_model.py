@@ -27,7 +27,7 @@ class ScriptedModel:
         row[target] = math.log(prob * (self.args.vocab_size - 1) / (1 - prob))
         return row
 
-    def __call__(self, inputs, positions=None, cache=None, view=None):
+    def __call__(self, inputs, positions=None, cache=None, view=None, last=None):
         self.calls += 1
         tokens, pos = np.array(inputs)[0], np.array(positions)[0]
         rows = []
@@ -37,4 +37,5 @@ class ScriptedModel:
             else:
                 q = min(p + 1, len(self.text) - 1)
                 rows.append(self._logits(self.text[q], self.next_prob[q]))
-        return mx.array(np.stack(rows))[None]
+        logits = mx.array(np.stack(rows))[None]
+        return logits if last is None else logits[:, -last:]
