@@ -1,0 +1,164 @@
+"""Fine-tuning data: a folder of JSONL files turned into (prompt ids, response ids) pairs.
+
+``--data DIR`` holds ``train.jsonl``, ``valid.jsonl`` and optionally ``test.jsonl``,
+one example per line, in any of these shapes:
+
+    {"query": "...", "response": "..."}          # upstream's training format
+    {"prompt": "...", "completion": "..."}
+    {"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", ...}]}
+
+As in upstream ``train.py`` the prompt goes through the chat template with the
+generation prompt appended, and the response gets EOS at its end; only the
+response is ever a target.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from .errors import RefusionError
+
+SPLITS = ("train", "valid", "test")
+FORMATS = "{'query','response'}, {'prompt','completion'} or {'messages': [...]}"
+
+
+@dataclass
+class Example:
+    """One training pair, tokenized."""
+
+    prompt: List[int]
+    response: List[int]  # ends with EOS unless truncated
+
+    def __len__(self):
+        return len(self.prompt) + len(self.response)
+
+
+def chat_prompt_ids(tokenizer, messages: list) -> List[int]:
+    """Messages through the chat template with the assistant's turn opened, as upstream trains.
+
+    Thinking is passed as on (Qwen3's template default, which upstream's call
+    relies on) because mlx-lm's wrapper would otherwise switch it off for
+    tokenizers without ``<think>``.
+    """
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         enable_thinking=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _text_field(record: dict, key: str, where: str) -> str:
+    """``record[key]`` as a string, or a clear error naming the line."""
+    if key not in record:
+        raise RefusionError(f"{where}: missing {key!r}")
+    if not isinstance(record[key], str):
+        raise RefusionError(f"{where}: {key!r} must be a string")
+    return record[key]
+
+
+def split_record(record, where: str) -> Tuple[list, str]:
+    """(prompt messages, response text) of one JSONL record in any supported format."""
+    if not isinstance(record, dict):
+        raise RefusionError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        return split_messages(record["messages"], where)
+    if "query" in record or "response" in record:
+        query, response = _text_field(record, "query", where), _text_field(record, "response", where)
+    elif "prompt" in record or "completion" in record:
+        query, response = _text_field(record, "prompt", where), _text_field(record, "completion", where)
+    else:
+        raise RefusionError(f"{where}: unknown format (keys {sorted(record)}); expected {FORMATS}")
+    return [{"role": "user", "content": query}], response
+
+
+def split_messages(messages, where: str) -> Tuple[list, str]:
+    """A chat: everything before the last assistant message is the prompt, that message the response."""
+    if not isinstance(messages, list) or not messages:
+        raise RefusionError(f"{where}: 'messages' must be a non-empty list")
+    for k, m in enumerate(messages):
+        fields = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+        if not all(isinstance(f, str) for f in fields):
+            raise RefusionError(f"{where}: message {k} needs string 'role' and 'content'")
+    if messages[-1]["role"] != "assistant":
+        raise RefusionError(f"{where}: the last message must be the assistant's (the response)")
+    if len(messages) == 1:
+        raise RefusionError(f"{where}: no prompt before the assistant message")
+    return messages[:-1], messages[-1]["content"]
+
+
+def tokenize_record(record, tokenizer, where: str) -> Example:
+    """Tokenize one record: templated prompt, response + EOS."""
+    messages, response = split_record(record, where)
+    if not response.strip():
+        raise RefusionError(f"{where}: the response is empty")
+    if getattr(tokenizer, "chat_template", None):
+        prompt = chat_prompt_ids(tokenizer, messages)
+    elif len(messages) == 1:
+        prompt = tokenizer.encode(messages[0]["content"], add_special_tokens=False)
+    else:
+        raise RefusionError(f"{where}: a multi-turn chat needs a tokenizer with a chat template")
+    return Example(prompt, tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id])
+
+
+def read_jsonl(path: Path, tokenizer) -> List[Example]:
+    """Every non-blank line of a JSONL file, tokenized; errors name the file and line."""
+    examples = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise RefusionError(f"{path.name} is not UTF-8 text") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RefusionError(f"{where}: not valid JSON ({e.msg})") from None
+        examples.append(tokenize_record(record, tokenizer, where))
+    return examples
+
+
+def truncate(examples: List[Example], max_seq_length: int, name: str) -> List[Example]:
+    """Cut responses so prompt + response fits; drop examples whose prompt alone does not."""
+    kept, cut, dropped = [], 0, 0
+    for x in examples:
+        room = max_seq_length - len(x.prompt)
+        if room < 1:
+            dropped += 1
+            continue
+        cut += len(x.response) > room
+        kept.append(Example(x.prompt, x.response[:room]))
+    if cut:
+        print(f"[WARNING] {name}: {cut} responses cut to fit --max-seq-length {max_seq_length}")
+    if dropped:
+        print(f"[WARNING] {name}: {dropped} examples dropped (prompt alone exceeds --max-seq-length)")
+    if examples and not kept:
+        raise RefusionError(f"{name}: every prompt is longer than --max-seq-length {max_seq_length}")
+    return kept
+
+
+def load_split(data_dir: Path, split: str, tokenizer, max_seq_length: int,
+               required: bool) -> Optional[List[Example]]:
+    """One split (``train``/``valid``/``test``) or None when absent and optional."""
+    path = data_dir / f"{split}.jsonl"
+    if not path.exists():
+        if required:
+            raise RefusionError(f"no {path.name} in {data_dir}")
+        return None
+    examples = truncate(read_jsonl(path, tokenizer), max_seq_length, path.name)
+    if required and not examples:
+        raise RefusionError(f"{path} has no examples")
+    return examples
+
+
+def load_datasets(data: str, tokenizer, max_seq_length: int, train: bool, test: bool):
+    """(train, valid, test) example lists from a data folder; the ones not needed may be None."""
+    if tokenizer.eos_token_id is None:
+        raise RefusionError("the tokenizer has no EOS token to end responses with")
+    data_dir = Path(data).expanduser()
+    if not data_dir.is_dir():
+        raise RefusionError(f"--data must be a folder with train.jsonl/valid.jsonl/test.jsonl: {data}")
+    train_set = load_split(data_dir, "train", tokenizer, max_seq_length, required=train)
+    valid_set = load_split(data_dir, "valid", tokenizer, max_seq_length, required=train)
+    test_set = load_split(data_dir, "test", tokenizer, max_seq_length, required=test)
+    return train_set, valid_set, test_set

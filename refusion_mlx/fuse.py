@@ -1,0 +1,130 @@
+"""Fuse fine-tuned adapters into the base weights: ``python -m refusion_mlx.fuse``.
+
+    python -m refusion_mlx.fuse --model PATH --adapter-path adapters --save-path fused
+
+mlx-lm's recipe: load with the adapters, replace every LoRA/DoRA layer by its
+``fuse()``d linear (re-quantized on a quantized base unless ``--dequantize``),
+save weights + config + tokenizer in mlx-lm's layout. The folder is written
+under a temporary name and renamed into place, so a crash never leaves half a model.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from mlx.utils import tree_unflatten
+
+from .errors import RefusionError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one ``error:`` line."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """mlx-lm's fuse flags (no GGUF export, no upload)."""
+    p = _Parser(prog="python -m refusion_mlx.fuse", description="Fuse fine-tuned adapters into the model.")
+    p.add_argument("--model", required=True, help="base model: local folder or Hugging Face repo id")
+    p.add_argument("--adapter-path", default="adapters",
+                   help="folder with adapter_config.json + adapters.safetensors")
+    p.add_argument("--save-path", default="fused_model", help="where the fused model is written")
+    p.add_argument("--dequantize", action="store_true", help="save a dequantized (full precision) model")
+    return p
+
+
+def fuse_layers(model, dequantize: bool = False):
+    """Replace every adapter layer by the plain (or quantized) linear it amounts to."""
+    fused = [(name, m.fuse(dequantize=dequantize))
+             for name, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return model
+
+
+def fused_config(model_path: Path, dequantize: bool) -> dict:
+    """The base config.json, without its quantization block when dequantizing."""
+    from .loading import read_config
+
+    config = read_config(model_path)
+    if dequantize:
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    return config
+
+
+def write_model(folder: Path, model, tokenizer, config: dict, source: Path):
+    """Weights, config, tokenizer and generation config in mlx-lm's layout (no code files copied)."""
+    from mlx_lm.utils import save_config, save_model
+
+    save_model(folder, model, donate_model=False)
+    save_config(config, config_path=folder / "config.json")
+    tokenizer.save_pretrained(str(folder))
+    if (source / "generation_config.json").exists():
+        shutil.copy(source / "generation_config.json", folder)
+
+
+def replace_folder(tmp: Path, target: Path):
+    """Move ``tmp`` to ``target``; a model folder already there is swapped out once ``tmp`` is whole."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old)
+
+
+def check_save_path(target: Path, model_path: Path):
+    """Refuse to overwrite the base model or a folder that is not a model."""
+    if target.exists():
+        if target.resolve() == model_path.resolve():
+            raise RefusionError("--save-path is the base model folder; choose another")
+        if not target.is_dir() or (any(target.iterdir()) and not (target / "config.json").exists()):
+            raise RefusionError(f"--save-path {target} exists and is not a model folder; not overwriting")
+
+
+def fuse(model_path: str, adapter_path: str, save_path: str, dequantize: bool = False) -> Path:
+    """Load base + adapters, fuse, and write the model to ``save_path`` atomically."""
+    from mlx_lm.utils import dequantize_model
+
+    from .loading import load, resolve_path
+
+    source = resolve_path(model_path)
+    target = Path(save_path).expanduser()
+    check_save_path(target, source)
+    model, tokenizer = load(source, adapter_path=adapter_path)
+    fuse_layers(model, dequantize)
+    if dequantize:
+        model = dequantize_model(model)
+    config = fused_config(source, dequantize)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write_model(tmp, model, tokenizer, config, source)
+        replace_folder(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        target = fuse(args.model, args.adapter_path, args.save_path, args.dequantize)
+    except RefusionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Fused model saved to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
