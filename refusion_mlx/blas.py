@@ -166,3 +166,4 @@ def _library_of(address: Optional[int]) -> Optional[str]:
     if not ctypes.CDLL(None).dladdr(ctypes.c_void_p(address), ctypes.byref(info)):
         return None
     return os.path.realpath(info.fname.decode())
+
