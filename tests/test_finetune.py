@@ -150,7 +150,8 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny_path):
     from mlx.utils import tree_flatten
 
     from refusion_mlx import load_model
-    from refusion_mlx.lora import LORA_DEFAULTS, checkpoint_blocks, prepare_model
+    from refusion_mlx.lora import LORA_DEFAULTS
+    from refusion_mlx.trainer import checkpoint_blocks, prepare_model
     from refusion_mlx.objective import collate, hybrid_loss, layout_example
 
     batch = collate([layout_example(list(range(5, 12)), list(range(40, 75)), 319, random.Random(1))])
