@@ -69,13 +69,29 @@ class ModelArgs(BaseModelArgs):
         return 1.0
 
 
-def rotate_at(rope: nn.RoPE, x: mx.array, positions: mx.array) -> mx.array:
-    """Apply RoPE to ``x`` (B, H, L, D) with one position per token, ``positions`` (B, L)."""
-    B, H, L, D = x.shape
-    # mx.fast.rope takes one offset per batch entry: put every token on the batch axis.
-    per_token = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
-    rotated = rope(per_token, offset=positions.reshape(-1))
-    return rotated.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for explicit per-token positions, computed once per forward in float32.
+
+    Positions come in any order and with gaps (slots are committed out of order),
+    so the tables are built from the position ids themselves; every layer reuses them.
+    """
+
+    def __init__(self, head_dim: int, base: float, scale: float = 1.0):
+        super().__init__()
+        # Underscore: a constant, not a parameter to load or train.
+        self._inv_freq = scale * base ** (-mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
+
+    def __call__(self, positions: mx.array):
+        angles = positions.astype(mx.float32)[..., None] * self._inv_freq  # (B, L, D/2)
+        return mx.cos(angles)[:, None], mx.sin(angles)[:, None]  # (B, 1, L, D/2): broadcast over heads
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate the two halves of ``x`` (B, H, L, D) by the angles in ``cos``/``sin`` (Qwen's layout)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -94,16 +110,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=bias)
         self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
         self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-        self.rope = nn.RoPE(head_dim, traditional=False, base=args.rope_theta, scale=args.rope_scale)
 
-    def __call__(self, x, positions, mask=None, cache=None, view=None):
+    def __call__(self, x, rope, mask=None, cache=None, view=None):
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
 
-        q = rotate_at(self.rope, q, positions)
-        k = rotate_at(self.rope, k, positions)
+        q = apply_rope(q, *rope)
+        k = apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.store(k, v, view)
 
@@ -130,8 +145,8 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x, positions, mask=None, cache=None, view=None):
-        h = x + self.self_attn(self.input_layernorm(x), positions, mask, cache, view)
+    def __call__(self, x, rope, mask=None, cache=None, view=None):
+        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, view)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -141,6 +156,7 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scale)
 
     def __call__(self, inputs, positions, cache=None, view=None):
         h = self.embed_tokens(inputs)
@@ -148,9 +164,10 @@ class Qwen3Model(nn.Module):
             mask = view.mask
         else:
             mask = "causal" if inputs.shape[1] > 1 else None
+        rope = self.rope(positions)
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         for layer, layer_cache in zip(self.layers, layer_caches):
-            h = layer(h, positions, mask, layer_cache, view)
+            h = layer(h, rope, mask, layer_cache, view)
         return self.norm(h)
 
 

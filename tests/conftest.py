@@ -1,13 +1,20 @@
 """Shared fixtures: tiny checkpoints written once per test session."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import tiny_config, write_checkpoint, write_tokenizer  # noqa: E402
+
+
+def with_root_on_path() -> str:
+    """PYTHONPATH for a child process: this checkout first, then whatever was there."""
+    return os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
 
 
 @pytest.fixture(scope="session")

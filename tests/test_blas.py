@@ -4,13 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import with_root_on_path
 
 from refusion_mlx.blas import CANDIDATES
 
-ROOT = Path(__file__).resolve().parents[1]
+
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU backend only")
 
 # Runs in a fresh process: the preload only works before mlx.core is first imported.
@@ -28,7 +28,7 @@ print(json.dumps({"provider": blas.gemm_provider(), "product": (a @ b).tolist()}
 
 def probe(**env):
     proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=120)
+                          env={**os.environ, "PYTHONPATH": with_root_on_path(), **env}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout), proc.stderr
 
@@ -61,5 +61,5 @@ def test_too_late_is_reported_not_pretended():
     code = ("import mlx.core, refusion_mlx.blas as b, refusion_mlx; "
             "print(b.use_fast_blas(), b.blas_report())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+                          env={**os.environ, "PYTHONPATH": with_root_on_path()}, timeout=120)
     assert proc.stdout.startswith("None ") and "too late" in proc.stdout

@@ -4,21 +4,21 @@ import io
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import with_root_on_path
 
 from checkpoints import tiny_config, write_checkpoint
 from refusion_mlx import generate, generate_ids, stream_generate
 from refusion_mlx.generate import main
 from refusion_mlx.text import prompt_ids
 
-ROOT = Path(__file__).resolve().parents[1]
+
 FAST = ["--max-tokens", "16", "--slot-size", "4", "--blocks", "2"]
 
 
 def run_cli(*args, stdin=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=with_root_on_path())
     return subprocess.run([sys.executable, "-m", "refusion_mlx.generate", *args], input=stdin,
                           capture_output=True, text=True, env=env, timeout=300)
 
