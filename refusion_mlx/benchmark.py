@@ -16,7 +16,8 @@ import mlx.core as mx
 
 from .autoregressive import generate_ar_ids
 from .cache import SlotCache
-from .decode import PRESETS, GenerationResult, generate_ids
+from .decode import GenerationResult, generate_ids
+from .presets import PRESETS
 from .errors import RefusionError
 
 FORWARD_SIZES = (1, 8, 32, 128)

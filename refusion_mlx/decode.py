@@ -20,7 +20,7 @@ found while infilling) is fixed here.
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -72,21 +72,6 @@ class DecodeSettings:
                 raise RefusionError(f"{name} must be in [0, 1], got {value}")
         if self.temperature < 0:
             raise RefusionError(f"temperature must be >= 0, got {self.temperature}")
-
-
-# The paper's evaluation settings (upstream eval.sh): slot size, blocks, thresholds; 512 tokens.
-PRESETS: Dict[str, dict] = {
-    "gsm8k": dict(slot_size=32, serial_num_blocks=4, slot_threshold=0.9, token_threshold=0.4),
-    "math": dict(slot_size=32, serial_num_blocks=8, slot_threshold=0.8, token_threshold=0.6),
-    "mbpp": dict(slot_size=32, serial_num_blocks=4, slot_threshold=0.9, token_threshold=0.3),
-    "humaneval": dict(slot_size=32, serial_num_blocks=4, slot_threshold=0.9, token_threshold=0.4),
-    "gpqa": dict(slot_size=8, serial_num_blocks=32, slot_threshold=0.8, token_threshold=0.2),
-    "arc": dict(slot_size=8, serial_num_blocks=64, slot_threshold=0.8, token_threshold=0.1),
-    "mmlu-pro": dict(slot_size=16, serial_num_blocks=4, slot_threshold=0.9, token_threshold=0.4),
-}
-PRESET_GEN_LENGTH = 512
-# Without a preset (CLI and text API): upstream generate.py's example settings.
-DEFAULTS = dict(gen_length=512, slot_size=4, serial_num_blocks=32, slot_threshold=0.6, token_threshold=0.3)
 
 
 @dataclass
@@ -214,36 +199,48 @@ def commit(state: DecodeState, tokens: np.ndarray) -> int:
     return kept
 
 
+def infill_round(model, state: DecodeState, tokens: np.ndarray, tags: np.ndarray, positions: np.ndarray,
+                 start: int, slot_size: int):
+    """Re-draft the untagged tokens of every row from ``start`` on, then verify the rows left to right.
+
+    Returns the rows' tokens from ``start`` and each one's left-to-right probability (host arrays).
+    Both forwards write the same row entries; the verify pass's are the ones kept.
+    """
+    rows = tokens.shape[0]
+    view = state.cache.rows(rows, slot_size, start)
+    fed_positions = positions[:, start:]
+    tagged = tags[:, start:] == 1
+    masked = np.where(tagged, tokens[:, start:], state.mask_id)
+    draft_logits = forward(model, state, masked, fed_positions, view)
+    proposed = mx.argmax(draft_logits, axis=-1).reshape(rows, slot_size - start)
+    fed = mx.where(mx.array(tagged), mx.array(tokens[:, start:]), proposed)
+    verify_logits = forward(model, state, fed, fed_positions, view)
+    p = next_token_probability(verify_logits.reshape(rows, slot_size - start, -1), fed)
+    return np.array(fed), np.array(p)
+
+
+def update_tags(tags: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray:
+    """New accepted prefixes: a token is accepted if its predecessor already was, or if p > threshold."""
+    forced = np.concatenate([np.ones((tags.shape[0], 1), tags.dtype), tags[:, :-1]], axis=1) == 1
+    return np.cumprod((p > threshold) | forced, axis=1)
+
+
 def infill(model, state: DecodeState, drafts: np.ndarray, positions: np.ndarray, tags: np.ndarray,
            settings: DecodeSettings) -> InfillResult:
     """Complete the chosen slots in parallel rows by alternating masked drafts and verification.
 
     Row r sees the committed prefix and its own slot only. ``tags`` marks the
-    tokens already accepted (a prefix of each row). Each round re-drafts the
-    untagged tokens from the masked row, then verifies left to right; at least
-    one more token per row is accepted, so ``slot_size`` rounds always suffice.
+    tokens already accepted (a prefix of each row). Every round accepts at least
+    one more token per row, so ``slot_size`` rounds always suffice. The first row
+    with an accepted EOS becomes the last row.
     """
-    S, threshold = settings.slot_size, settings.token_threshold
+    S = settings.slot_size
     tokens, tags, positions = drafts.copy(), tags.copy(), positions.copy()
     start, rounds, eos_row = 0, 0, None
     while not tags.all() and rounds < S:
         rounds += 1
-        rows = tokens.shape[0]
-        view = state.cache.rows(rows, S, start)
-        fed_positions = positions[:, start:]
-        masked = np.where(tags[:, start:] == 1, tokens[:, start:], state.mask_id)
-        draft_logits = forward(model, state, masked, fed_positions, view)
-        proposed = mx.argmax(draft_logits, axis=-1).reshape(rows, S - start)
-        fed = mx.where(mx.array(tags[:, start:] == 1), mx.array(tokens[:, start:]), proposed)
-        verify_logits = forward(model, state, fed, fed_positions, view)
-        p = next_token_probability(verify_logits.reshape(rows, S - start, -1), fed)
-        fed, p = np.array(fed), np.array(p)
-
-        tokens[:, start:] = fed
-        # A token whose predecessor is already accepted is accepted anyway: progress every round.
-        old = tags[:, start:]
-        forced = np.concatenate([np.ones((rows, 1), old.dtype), old[:, :-1]], axis=1) == 1
-        tags[:, start:] = np.cumprod((p > threshold) | forced, axis=1)
+        tokens[:, start:], p = infill_round(model, state, tokens, tags, positions, start, S)
+        tags[:, start:] = update_tags(tags[:, start:], p, settings.token_threshold)
 
         eos_hits = np.isin(tokens[:, start:], list(state.eos_ids)) & (tags[:, start:] == 1)
         if eos_hits.any():

@@ -4,7 +4,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .decode import DEFAULTS, PRESET_GEN_LENGTH, PRESETS, DecodeSettings
+from .decode import DecodeSettings
+from .presets import DEFAULTS, PRESET_GEN_LENGTH, PRESETS
 from .errors import RefusionError
 
 

@@ -6,7 +6,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .decode import DEFAULTS, DecodeSettings, GenerationResult, generate_step, start_state, summarize
+from .decode import DecodeSettings, GenerationResult, generate_step, start_state, summarize
+from .presets import DEFAULTS
 from .errors import RefusionError
 
 

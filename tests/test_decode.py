@@ -14,6 +14,7 @@ from refusion_mlx.decode import (
     generation_tpf,
     generate_step,
     start_state,
+    update_tags,
 )
 from reference_decoder import reference_generate
 from scripted_model import ScriptedModel
@@ -39,6 +40,14 @@ def test_accepted_prefix_reads_the_chosen_slots_as_one_sequence():
 def test_first_eos_accepts_several_ids():
     assert first_eos(np.array([5, 6, 7, 6]), {7, 6}) == 1
     assert first_eos(np.array([5, 5]), {7}) is None
+
+
+def test_update_tags_accepts_at_least_one_more_token_per_row():
+    tags = np.array([[1, 0, 0, 0], [1, 1, 0, 0]])
+    p = np.array([[0.0, 0.0, 0.9, 0.9], [0.0, 0.0, 0.9, 0.1]])
+    # row 0: token 1 forced (its predecessor was accepted), token 2 and 3 pass; row 1: 2 forced, 3 fails
+    np.testing.assert_array_equal(update_tags(tags, p, 0.5), [[1, 1, 1, 1], [1, 1, 1, 0]])
+    np.testing.assert_array_equal(update_tags(tags, np.zeros((2, 4)), 0.5), [[1, 1, 0, 0], [1, 1, 1, 0]])
 
 
 def test_tpf_credit_matches_upstream_formula():
