@@ -97,10 +97,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        warn_if_slow_blas()
         knobs = settings_from_args(args)
         model, tokenizer = load(args.model)
         ids = prompt_ids(tokenizer, args.prompt, use_chat_template=not args.ignore_chat_template)
+        warn_if_slow_blas()
         print(f"model: {args.model}  device: {mx.default_device()}  prompt: {len(ids)} tokens")
         print(blas_report())
         print("knobs: " + ", ".join(f"{k}={v}" for k, v in knobs.items()))

@@ -69,7 +69,6 @@ def run(args) -> int:
     from .loading import load
     from .text import format_stats, stream_generate
 
-    warn_if_slow_blas()
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     knobs = settings_from_args(args)
     model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
@@ -78,6 +77,7 @@ def run(args) -> int:
     for update in stream_generate(model, tokenizer, prompt, system_prompt=args.system_prompt,
                                   use_chat_template=not args.ignore_chat_template,
                                   enable_thinking=not args.no_thinking, **knobs):
+        warn_if_slow_blas()  # here, once the input has proved good: bad input stays one line
         # Slots land out of order: stream only the start of the text that has no holes left
         # (and no half-decoded character).
         stable = update.prefix_text.rstrip("\ufffd")

@@ -152,7 +152,6 @@ def run(args):
     from .data import load_datasets
     from .loading import load
 
-    warn_if_slow_blas()
     print("Loading pretrained model", flush=True)
     adapters = args.adapter_path if args.test and not args.train and args.adapter_path else None
     model, tokenizer = load(args.model, adapter_path=adapters)
@@ -161,6 +160,7 @@ def run(args):
     print("Loading datasets", flush=True)
     train_set, valid_set, test_set = load_datasets(args.data, tokenizer, args.max_seq_length,
                                                    bool(args.train), bool(args.test))
+    warn_if_slow_blas()  # only once the input has proved good: bad input stays one line
     if args.train:
         run_training(model, args, train_set, valid_set, mask_id, pad_id)
     if args.test:

@@ -59,7 +59,9 @@ def _texts(tokenizer, placed: Dict[int, int], eos_ids) -> tuple:
         contiguous = contiguous and position == expected
         if contiguous:
             prefix.append(token)
-    return tokenizer.decode(ordered), tokenizer.decode(prefix)
+    # Special tokens (chat markers) are not text; upstream decodes with skip_special_tokens too.
+    return (tokenizer.decode(ordered, skip_special_tokens=True),
+            tokenizer.decode(prefix, skip_special_tokens=True))
 
 
 def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int]], *,
