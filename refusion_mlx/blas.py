@@ -1,17 +1,20 @@
 """Give MLX's Linux CPU backend an optimized BLAS.
 
 MLX's Linux CPU wheel links netlib's reference BLAS (``mlx_cpu.libs/libblas-*``),
-whose matrix products run ~20x slower than OpenBLAS. Python loads extension
-modules with RTLD_NOW, so ``libmlx.so`` binds ``cblas_sgemm`` when ``mlx.core``
-is first imported: an OpenBLAS loaded RTLD_GLOBAL *before* that import wins the
-symbol lookup, one loaded after it changes nothing. ``use_fast_blas`` must run
-first (``refusion_mlx/__init__.py`` does). Nothing changes on macOS (Accelerate).
+whose matrix products run ~20-40x slower than OpenBLAS. CPython dlopens extension
+modules with RTLD_NOW, so ``libmlx.so`` binds ``cblas_sgemm`` once, when ``mlx.core``
+is first imported: a BLAS loaded RTLD_GLOBAL *before* that import wins the lookup
+(the wheel's copy is only in the extension's local scope); one loaded after it changes
+nothing (measured). So ``use_fast_blas`` must run first: ``refusion_mlx/__init__.py``
+calls it. Nothing changes on macOS (Accelerate).
 
 ``REFUSION_MLX_BLAS=/path/to/libblas.so`` picks a library; ``REFUSION_MLX_BLAS=off``
-turns the preload off.
+(or 0/false/no/none) turns the preload off.
 """
 
 import ctypes
+import functools
+import mmap
 import os
 import struct
 import sys
@@ -19,87 +22,138 @@ from typing import Optional
 
 ENV = "REFUSION_MLX_BLAS"
 OFF = ("off", "0", "false", "no", "none")
-# Debian/Ubuntu packages libopenblas0-pthread / -openmp / libopenblas0, then BLIS.
+_LINUX = sys.platform.startswith("linux")
+_MULTIARCH = ("x86_64-linux-gnu", "aarch64-linux-gnu")
+# Debian/Ubuntu packages (libopenblas0-pthread/-openmp/-serial, old libopenblas-base, libblis4-*),
+# then OpenBLAS by soname from the loader's cache (other distributions), then whatever BLAS
+# Debian's alternatives select (covers MKL/BLIS/ATLAS set up with update-alternatives).
 CANDIDATES = [
-    f"/usr/lib/{arch}-linux-gnu/{path}"
-    for arch in ("x86_64", "aarch64")
-    for path in (
+    f"/usr/lib/{arch}/{name}"
+    for arch in _MULTIARCH
+    for name in (
         "openblas-pthread/libblas.so.3",
         "openblas-openmp/libblas.so.3",
-        "libopenblas.so.0",
+        "openblas-serial/libblas.so.3",
+        "openblas/libblas.so.3",
         "blis-pthread/libblas.so.3",
         "blis-openmp/libblas.so.3",
     )
-]
-HINT = (
-    "refusion_mlx: MLX's CPU backend is using the reference BLAS (matrix products ~20x slower); "
-    f"install OpenBLAS (apt-get install libopenblas0-pthread) or set {ENV}=/path/to/libblas.so"
-)
+] + ["libopenblasp.so.0", "libopenblas.so.0"] + [f"/usr/lib/{arch}/libblas.so.3" for arch in _MULTIARCH]
+WARNING = "refusion_mlx: MLX's CPU backend is using the reference BLAS"
 
-_state = {"tried": False, "loaded": None, "why": "", "warned": False}
+_state = {"tried": False, "loaded": None, "why": "not attempted", "warned": False}
 
 
 def use_fast_blas() -> Optional[str]:
-    """Preload an optimized BLAS (Linux only, once); returns its path or None."""
+    """Preload an optimized BLAS globally (Linux, once, before mlx.core); returns its path or None."""
     if _state["tried"]:
         return _state["loaded"]
     _state["tried"] = True
     setting = os.environ.get(ENV, "").strip()
-    if not sys.platform.startswith("linux"):
+    if not _LINUX:
         _state["why"] = "not Linux"
     elif setting.lower() in OFF:
         _state["why"] = f"turned off by {ENV}={setting}"
+    elif _global_gemm():
+        # LD_PRELOAD (or an earlier RTLD_GLOBAL load) already supplies cblas_sgemm: it wins anyway.
+        _state["why"] = f"cblas_sgemm already provided by {_library_of(_global_gemm())}"
     elif "mlx.core" in sys.modules:
-        _state["why"] = "mlx.core was imported before refusion_mlx: too late to preload"
+        # Its GEMM symbols were bound at import (RTLD_NOW); a later global load is never consulted.
+        _state["why"] = "mlx.core was imported before refusion_mlx, too late to preload"
+    elif setting:
+        _state["loaded"] = _load(setting)
     else:
-        for path in [setting] if setting else CANDIDATES:
-            try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            except OSError:
+        for path in CANDIDATES:
+            if path.startswith("/") and (not os.path.exists(path) or _is_reference(path)):
                 continue
-            _state["loaded"] = path
-            return path
-        _state["why"] = f"none found ({setting})" if setting else "no OpenBLAS/BLIS found"
-    return None
+            _state["loaded"] = _load(path)
+            if _state["loaded"]:
+                break
+        else:
+            _state["why"] = "no OpenBLAS/BLIS found"
+    return _state["loaded"]
 
 
-def warn_if_slow_blas():
-    """Print HINT once on stderr when MLX runs on a Linux CPU with the reference BLAS."""
-    if _state["warned"] or not sys.platform.startswith("linux"):
+def warn_if_slow_blas() -> None:
+    """Once per process: one stderr line if MLX's default device is the CPU and GEMM is the reference BLAS."""
+    use_fast_blas()  # no-op if done; otherwise it must precede the mlx.core import below
+    if _state["warned"] or not _LINUX:
         return
+    _state["warned"] = True  # decided once, whatever the answer
     import mlx.core as mx
 
     if mx.default_device() != mx.cpu:
         return
     provider = gemm_provider()
-    if provider is None or "mlx_cpu.libs" in provider:
-        _state["warned"] = True
-        print(HINT, file=sys.stderr)
+    slow = _is_reference(provider) if provider else _state["loaded"] is None
+    if slow:
+        print(f"{WARNING} (matrix products ~20x slower; {_state['why']}): {_fix()}", file=sys.stderr)
 
 
 def gemm_provider() -> Optional[str]:
-    """The shared library MLX's ``cblas_sgemm`` is bound to in this process (Linux), or None."""
-    import mlx.core as mx  # noqa: F401  (makes sure libmlx.so is loaded and bound)
+    """Real path of the library that MLX's ``cblas_sgemm`` is bound to in this process (Linux), or None."""
+    import mlx.core as mx
 
+    x = mx.ones((2, 2))
+    mx.eval(mx.matmul(x, x, stream=mx.cpu))  # makes sure the symbol is bound, even under lazy binding
     lib = _mapped_library("libmlx.so")
-    if lib is None:
-        return None
-    path, base = lib
-    slot = _got_offset(path, b"cblas_sgemm")
+    slot = _got_offset(lib[0], b"cblas_sgemm") if lib else None
     if slot is None:
         return None
-    target = ctypes.c_void_p.from_address(base + slot).value
-    return _library_of(target)
+    return _library_of(ctypes.c_void_p.from_address(lib[1] + slot).value)
 
 
 def blas_report() -> str:
-    """One line: which library does MLX's CPU matrix products, and how fast a product runs."""
-    if not sys.platform.startswith("linux"):
-        return "BLAS: platform default (Accelerate on macOS)"
-    provider = gemm_provider() or "unknown"
-    kind = "reference BLAS, slow" if "mlx_cpu.libs" in provider else "optimized"
-    note = "" if _state["loaded"] else f"; preload: {_state['why'] or 'not attempted'}"
-    return f"BLAS: {provider} ({kind}), sgemm {_gflops():.0f} GFLOP/s{note}"
+    """One line: which library does MLX's CPU matrix products, and a measured GFLOP/s."""
+    if sys.platform == "darwin":
+        return "BLAS: Accelerate (macOS)"
+    if not _LINUX:
+        return "BLAS: platform default"
+    provider = gemm_provider()
+    if provider is None:
+        label = "binding not found"
+    elif _is_reference(provider):
+        label = "reference BLAS, slow"
+    else:
+        folder = os.path.basename(os.path.dirname(provider))
+        label = folder if folder.startswith(("openblas", "blis")) else "optimized"
+    note = "" if _state["loaded"] else f"; preload: {_state['why']}"
+    return f"BLAS: {provider or 'unknown'} ({label}), sgemm {_gflops():.0f} GFLOP/s{note}"
+
+
+def _load(path: str) -> Optional[str]:
+    """dlopen ``path`` RTLD_GLOBAL; its path if it provides cblas_sgemm, else None (reason kept)."""
+    try:
+        lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        _state["why"] = f"could not load {e}"  # the message names the path
+        return None
+    if not hasattr(lib, "cblas_sgemm"):  # MLX calls the C interface, not Fortran sgemm_
+        _state["why"] = f"{path} has no cblas_sgemm"
+        return None
+    return path
+
+
+def _fix() -> str:
+    """How to get the speed back, for the reason recorded by use_fast_blas."""
+    why = _state["why"]
+    if why.startswith("mlx.core was imported"):
+        found = next((p for p in CANDIDATES if os.path.isabs(p) and os.path.exists(p)), "/path/to/libblas.so")
+        return f"import refusion_mlx before mlx.core, or run with LD_PRELOAD={found}"
+    if why.startswith("turned off"):
+        return f"unset {ENV} to use OpenBLAS"
+    return f"apt-get install libopenblas0-pthread, or set {ENV}=/path/to/libblas.so"
+
+
+def _is_reference(path: str) -> bool:
+    """Netlib's reference BLAS: the wheel's own copy, or Debian's libblas3 (``.../blas/libblas.so.3``)."""
+    real = os.path.realpath(path)
+    return "mlx_cpu.libs" in real or os.path.basename(os.path.dirname(real)) == "blas"
+
+
+def _global_gemm() -> Optional[int]:
+    """Address of ``cblas_sgemm`` in the process's global namespace, if any."""
+    return ctypes.cast(getattr(ctypes.CDLL(None), "cblas_sgemm", None), ctypes.c_void_p).value
 
 
 def _gflops(n: int = 256, repeats: int = 5) -> float:
@@ -109,8 +163,7 @@ def _gflops(n: int = 256, repeats: int = 5) -> float:
     import mlx.core as mx
 
     a = mx.random.normal((n, n), stream=mx.cpu)
-    mx.eval(a)
-    mx.eval(mx.matmul(a, a, stream=mx.cpu))
+    mx.eval(mx.matmul(a, a, stream=mx.cpu))  # warm-up
     tic = time.perf_counter()
     for _ in range(repeats):
         mx.eval(mx.matmul(a, a, stream=mx.cpu))
@@ -130,31 +183,31 @@ def _mapped_library(name: str):
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _got_offset(path: str, symbol: bytes) -> Optional[int]:
     """Offset of the GOT slot the dynamic linker fills for ``symbol`` (ELF64 little-endian)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != b"\x7fELF" or data[4] != 2:
-        return None
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-    for _, kind, _, _, offset, size, link, _, _, entsize in sections:
-        if kind != 4:  # SHT_RELA
-            continue
-        dynsym = sections[link]
-        strtab = sections[dynsym[6]]
-        for r in range(offset, offset + size, entsize):
-            r_offset, r_info = struct.unpack_from("<QQ", data, r)
-            name_at, = struct.unpack_from("<I", data, dynsym[4] + (r_info >> 32) * dynsym[9])
-            start = strtab[4] + name_at
-            if data[start:data.index(b"\0", start)] == symbol:
-                return r_offset
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+            return None
+        shoff, = struct.unpack_from("<Q", data, 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+        sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        for _, kind, _, _, offset, size, link, _, _, entsize in sections:
+            if kind != 4:  # SHT_RELA: .rela.plt (JUMP_SLOT) or .rela.dyn (GLOB_DAT)
+                continue
+            dynsym = sections[link]
+            strtab = sections[dynsym[6]]
+            for r in range(offset, offset + size, entsize):
+                r_offset, r_info = struct.unpack_from("<QQ", data, r)
+                name_at, = struct.unpack_from("<I", data, dynsym[4] + (r_info >> 32) * dynsym[9])
+                start = strtab[4] + name_at
+                if data[start:data.find(b"\0", start)] == symbol:
+                    return r_offset
     return None
 
 
 def _library_of(address: Optional[int]) -> Optional[str]:
-    """Path of the shared library holding ``address`` (dladdr)."""
+    """Real path of the shared library holding ``address`` (dladdr)."""
     if not address:
         return None
 
@@ -163,7 +216,6 @@ def _library_of(address: Optional[int]) -> Optional[str]:
                     ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
 
     info = DlInfo()
-    if not ctypes.CDLL(None).dladdr(ctypes.c_void_p(address), ctypes.byref(info)):
+    if not ctypes.CDLL(None).dladdr(ctypes.c_void_p(address), ctypes.byref(info)) or not info.fname:
         return None
     return os.path.realpath(info.fname.decode())
-

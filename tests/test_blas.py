@@ -1,65 +1,115 @@
 """Linux CPU BLAS: MLX's matrix products really go to OpenBLAS, and the fallback warns once."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import with_root_on_path
 
-from refusion_mlx.blas import CANDIDATES
-
-
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU backend only")
-
-# Runs in a fresh process: the preload only works before mlx.core is first imported.
-PROBE = """
-import json, sys
-import refusion_mlx.blas as blas
-import refusion_mlx
+BLAS_PY = Path(__file__).resolve().parents[1] / "refusion_mlx" / "blas.py"
+# blas.py loaded on its own, so neither this process nor the probes depend on the rest of the package.
+LOAD = (
+    "import importlib.util as u\n"
+    f"spec = u.spec_from_file_location('refusion_blas', {str(BLAS_PY)!r})\n"
+    "blas = u.module_from_spec(spec); spec.loader.exec_module(blas)\n"
+)
+# A fresh process each time: the preload only works before mlx.core is first imported.
+PROBE = LOAD + """
+import json
+blas.use_fast_blas(); blas.use_fast_blas()
 import mlx.core as mx
-blas.warn_if_slow_blas(); blas.warn_if_slow_blas()
+blas.warn_if_slow_blas(); blas.use_fast_blas(); blas.warn_if_slow_blas()
 mx.random.seed(0)
 a = mx.random.normal((64, 96)); b = mx.random.normal((96, 80))
-print(json.dumps({"provider": blas.gemm_provider(), "product": (a @ b).tolist()}))
+print(json.dumps({"loaded": blas.use_fast_blas(), "provider": blas.gemm_provider(),
+                  "report": blas.blas_report(), "product": (a @ b).tolist()}))
 """
+
+_spec = importlib.util.spec_from_file_location("refusion_blas", BLAS_PY)
+blas = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(blas)  # no mlx import at its top level
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU backend only")
+OPENBLAS = [p for p in blas.CANDIDATES if "openblas" in p and os.path.exists(p)]
+needs_openblas = pytest.mark.skipif(
+    not OPENBLAS, reason="no OpenBLAS installed on this machine (apt-get install libopenblas0-pthread)")
+
+
+def run(code, **env):
+    """Run ``code`` in a fresh interpreter with ``env`` (None removes a variable); (stdout, stderr)."""
+    full = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    full.pop("LD_PRELOAD", None)  # the test is about our preload, not the caller's
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, proc.stderr
 
 
 def probe(**env):
-    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": with_root_on_path(), **env}, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout), proc.stderr
+    out, err = run(PROBE, **{blas.ENV: None, **env})
+    return json.loads(out), err
 
 
 @linux_only
+@needs_openblas
 def test_matmul_is_bound_to_openblas():
-    if not any(os.path.exists(p) for p in CANDIDATES):
-        pytest.skip("no OpenBLAS installed on this machine (apt-get install libopenblas0-pthread)")
     out, err = probe()
-    assert "mlx_cpu.libs" not in out["provider"]
-    assert "openblas" in out["provider"] or "blis" in out["provider"]
+    assert out["loaded"] in blas.CANDIDATES
+    assert "openblas" in out["provider"] and "mlx_cpu.libs" not in out["provider"]
+    assert out["report"].startswith(f"BLAS: {out['provider']} (openblas")
     assert err == ""
 
 
 @linux_only
-def test_turned_off_warns_exactly_once_and_computes_the_same():
-    off, err = probe(REFUSION_MLX_BLAS="off")
-    assert "mlx_cpu.libs" in off["provider"]
-    assert err.count("refusion_mlx: MLX's CPU backend is using the reference BLAS") == 1
-    assert len(err.strip().splitlines()) == 1
-    if any(os.path.exists(p) for p in CANDIDATES):
-        import numpy as np
+@needs_openblas
+def test_path_from_the_environment_is_used():
+    out, _ = probe(**{blas.ENV: OPENBLAS[-1]})
+    assert out["loaded"] == OPENBLAS[-1]
+    assert "openblas" in out["provider"]
 
+
+@linux_only
+@pytest.mark.parametrize("setting", ["off", "0", "false", "none"])
+def test_turned_off_warns_exactly_once_and_computes_the_same(setting):
+    off, err = probe(**{blas.ENV: setting})
+    assert off["loaded"] is None and "mlx_cpu.libs" in off["provider"]
+    assert err.count(blas.WARNING) == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"turned off by {blas.ENV}" in err
+    if OPENBLAS and setting == "off":
         on, _ = probe()
-        np.testing.assert_allclose(np.array(on["product"]), np.array(off["product"]), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.array(on["product"], np.float32), np.array(off["product"], np.float32),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@linux_only
+def test_missing_library_warns_with_the_fix():
+    off, err = probe(**{blas.ENV: "/nonexistent/libblas.so.3"})
+    assert off["loaded"] is None
+    assert err.count(blas.WARNING) == 1 and "apt-get install libopenblas0-pthread" in err
 
 
 @linux_only
 def test_too_late_is_reported_not_pretended():
-    code = ("import mlx.core, refusion_mlx.blas as b, refusion_mlx; "
-            "print(b.use_fast_blas(), b.blas_report())")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": with_root_on_path()}, timeout=120)
-    assert proc.stdout.startswith("None ") and "too late" in proc.stdout
+    # mlx.core first: its GEMM symbols are bound already, a preload now would change nothing.
+    code = "import mlx.core\n" + LOAD + "print(blas.use_fast_blas(), blas.blas_report())\n"
+    code += "blas.warn_if_slow_blas()"
+    out, err = run(code, **{blas.ENV: None})
+    assert out.startswith("None ") and "too late" in out and "mlx_cpu.libs" in out
+    assert err.count(blas.WARNING) == 1 and "import refusion_mlx before mlx.core" in err
+
+
+@linux_only
+def test_cli_warns_once_when_off_and_prints_the_same_text(tiny_path):
+    """Through the real entry point: the hint appears once and the generated text does not change."""
+    from conftest import with_root_on_path
+
+    args = ["--model", str(tiny_path), "--prompt", "the dog", "--max-tokens", "16", "--slot-size", "4",
+            "--blocks", "2"]
+    code = f"import sys; from refusion_mlx.generate import main; sys.exit(main({args!r}))"
+    off_out, off_err = run(code, PYTHONPATH=with_root_on_path(), **{blas.ENV: "off"})
+    on_out, _ = run(code, PYTHONPATH=with_root_on_path(), **{blas.ENV: None})
+    assert off_err.count(blas.WARNING) == 1
+    assert off_out == on_out
