@@ -1,0 +1,325 @@
+"""Synthetic instruction tasks with exact-match answers: the demo model's training and test data.
+
+    python -m refusion_mlx.demo.tasks --out data/demo [--seed 0] [--train 20000 --valid 500 --test 500]
+
+Seven families, each mixing stretches that are predictable from the template
+(column-by-column working, code skeletons, list separators: where parallel slot
+decoding pays off) with parts that must be read off the prompt (digits, words,
+names, constants). Every example is ``{"query", "response", "family", "answer"}``;
+``check(example, text)`` compares the final answer of a generated text with
+``answer``. Splits come from one seeded stream, test first, then valid, then
+train, skipping any example whose query or response came before: the test split
+of a seed does not depend on the other sizes and shares no query and no answer
+with train.
+"""
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+DEMO_SEED = 0
+DEFAULT_SIZES = {"train": 20000, "valid": 500, "test": 500}
+ORDER = ("test", "valid", "train")  # generation order: test is fixed by (seed, test size) alone
+ANSWER = "Answer:"
+MAX_RETRIES = 1000  # duplicate queries in a row before a family counts as exhausted
+
+WORDS = (
+    "apple river stone cloud green house light music paper table window garden bread water "
+    "horse bird chair dream field glass heart night ocean plant quiet rain shadow silver smile "
+    "snow spring summer sun tiger train tree voice winter yellow bright candle castle coffee "
+    "copper desert eagle forest honey island jacket kettle ladder lemon marble meadow mirror "
+    "needle orange pencil pepper pillow planet pocket rabbit ribbon rocket saddle salt sand "
+    "shell silk skate spoon star storm sugar thunder tomato tower valley velvet wagon whale "
+    "wheel wind wolf wool blue small quick lazy happy brave calm cold warm dark soft loud slow "
+    "fast old new red black white round sharp sweet bitter early late gentle proud wild"
+).split()
+
+ADD_QUERIES = (
+    "What is {a} + {b}? Work column by column.",
+    "Add {a} and {b}, showing each column with its carry.",
+    "Compute {a} plus {b} digit by digit.",
+)
+SUB_QUERIES = (
+    "What is {a} - {b}? Work column by column.",
+    "Subtract {b} from {a}, showing each column with its borrow.",
+    "Compute {a} minus {b} digit by digit.",
+)
+SORT_QUERIES = {
+    "ascending": ("Sort these numbers from smallest to largest: {items}",
+                  "Put in ascending order: {items}"),
+    "descending": ("Sort these numbers from largest to smallest: {items}",
+                   "Put in descending order: {items}"),
+}
+REVERSE_QUERIES = (
+    "Reverse the order of the words: {words}",
+    "Write these words backwards, last word first: {words}",
+)
+SEQUENCE_QUERIES = (
+    "List the first {n} terms of the arithmetic sequence that starts at {a} with step {d}.",
+    "Write {n} numbers, starting from {a} and adding {d} each time.",
+)
+UPPER_QUERIES = (
+    "Write these words in capital letters, numbered, one per line: {words}",
+    "Number these words and write each in upper case on its own line: {words}",
+)
+
+FUNCTION_QUERIES = (
+    "Write a Python function named {name} that {desc}.",
+    "In Python, define {name}: it {desc}.",
+)
+# Per kind: function name prefix -> (what the query says, the expression in the code).
+FUNCTION_OPS_BY_KIND = {
+    "scalar": {
+        "add": ("adds {k} to {v}", "{v} + {k}"),
+        "subtract": ("subtracts {k} from {v}", "{v} - {k}"),
+        "times": ("multiplies {v} by {k}", "{v} * {k}"),
+        "div": ("divides {v} by {k}, rounding down", "{v} // {k}"),
+        "mod": ("returns the remainder of {v} divided by {k}", "{v} % {k}"),
+        "at_least": ("returns {v}, but never less than {k}", "max({v}, {k})"),
+        "at_most": ("returns {v}, but never more than {k}", "min({v}, {k})"),
+        "is_above": ("tells whether {v} is greater than {k}", "{v} > {k}"),
+    },
+    "map": {
+        "add_all": ("adds {k} to every item of the list {v}", "item + {k}"),
+        "scale_all": ("multiplies every item of the list {v} by {k}", "item * {k}"),
+        "shift_all": ("subtracts {k} from every item of the list {v}", "item - {k}"),
+        "mod_all": ("takes every item of the list {v} modulo {k}", "item % {k}"),
+    },
+    "filter": {
+        "keep_above": ("keeps the items of the list {v} that are greater than {k}", "item > {k}"),
+        "keep_below": ("keeps the items of the list {v} that are less than {k}", "item < {k}"),
+        "drop_multiples": ("drops the multiples of {k} from the list {v}", "item % {k} != 0"),
+    },
+}
+FUNCTION_OPS = [(kind, name) for kind, ops in FUNCTION_OPS_BY_KIND.items() for name in ops]
+SCALAR_ARGS = ("x", "n", "value", "number")
+LIST_ARGS = ("items", "values", "numbers", "data")
+FUNCTION_BODIES = {
+    "scalar": 'def {name}({v}):\n    """Return {expr}."""\n    return {expr}',
+    "map": ('def {name}({v}):\n    """Return a new list with {expr} for each item."""\n'
+            '    result = []\n    for item in {v}:\n        result.append({expr})\n    return result'),
+    "filter": ('def {name}({v}):\n    """Return the items where {expr}."""\n    result = []\n'
+               '    for item in {v}:\n        if {expr}:\n            result.append(item)\n'
+               '    return result'),
+}
+
+
+def operand(rng: random.Random) -> int:
+    """A 2- to 6-digit number, every length equally likely (so short sums are not rare)."""
+    digits = rng.randint(2, 6)
+    return rng.randint(10 ** (digits - 1), 10 ** digits - 1)
+
+
+def digits_of(n: int, width: int) -> List[int]:
+    """Digits of ``n`` from the ones column up, padded with zeros to ``width``."""
+    return [(n // 10 ** i) % 10 for i in range(width)]
+
+
+def addition(rng: random.Random):
+    """Column addition with the carry written out on every line."""
+    a, b = operand(rng), operand(rng)
+    width = max(len(str(a)), len(str(b)))
+    lines, carry = [], 0
+    for i, (x, y) in enumerate(zip(digits_of(a, width), digits_of(b, width)), 1):
+        total = x + y + carry
+        lines.append(f"Column {i}: {x} + {y} + {carry} = {total}, write {total % 10}, carry {total // 10}")
+        carry = total // 10
+    if carry:
+        lines.append("The last carry 1 is the leading digit.")
+    answer = str(a + b)
+    return rng.choice(ADD_QUERIES).format(a=a, b=b), "\n".join(lines + [f"{ANSWER} {answer}"]), answer
+
+
+def subtraction(rng: random.Random):
+    """Column subtraction (larger minus smaller) with the borrow written out on every line."""
+    a, b = sorted((operand(rng), operand(rng)), reverse=True)
+    width = len(str(a))
+    lines, borrow = [], 0
+    for i, (x, y) in enumerate(zip(digits_of(a, width), digits_of(b, width)), 1):
+        top = x + 10 if x - y - borrow < 0 else x
+        lines.append(f"Column {i}: {top} - {y} - {borrow} = {top - y - borrow}, borrow {int(top > x)}")
+        borrow = int(top > x)
+    answer = str(a - b)
+    return rng.choice(SUB_QUERIES).format(a=a, b=b), "\n".join(lines + [f"{ANSWER} {answer}"]), answer
+
+
+def sorting(rng: random.Random):
+    """Sort 6-16 numbers below 1000, either way round."""
+    numbers = [rng.randint(0, 999) for _ in range(rng.randint(6, 16))]
+    order = rng.choice(sorted(SORT_QUERIES))
+    answer = ", ".join(map(str, sorted(numbers, reverse=order == "descending")))
+    query = rng.choice(SORT_QUERIES[order]).format(items=", ".join(map(str, numbers)))
+    return query, answer, answer
+
+
+def reversing(rng: random.Random):
+    """Reverse a sentence of 16-32 words: pure copying from the prompt."""
+    words = [rng.choice(WORDS) for _ in range(rng.randint(16, 32))]
+    answer = " ".join(reversed(words))
+    return rng.choice(REVERSE_QUERIES).format(words=" ".join(words)), answer, answer
+
+
+def sequence(rng: random.Random):
+    """The first n terms of an arithmetic progression (steps may be negative)."""
+    n, a = rng.randint(10, 30), rng.randint(0, 200)
+    d = rng.choice([s for s in range(-12, 13) if s])
+    answer = ", ".join(str(a + d * k) for k in range(n))
+    return rng.choice(SEQUENCE_QUERIES).format(n=n, a=a, d=d), answer, answer
+
+
+def upper_case(rng: random.Random):
+    """Number 5-12 words and write them in capitals, one per line."""
+    words = [rng.choice(WORDS) for _ in range(rng.randint(5, 12))]
+    answer = "\n".join(f"{k}. {w.upper()}" for k, w in enumerate(words, 1))
+    return rng.choice(UPPER_QUERIES).format(words=", ".join(words)), answer, answer
+
+
+def python_function(rng: random.Random):
+    """A small Python function from a template: the skeleton is fixed, name and constant are not."""
+    kind, name = rng.choice(FUNCTION_OPS)
+    desc, expr = FUNCTION_OPS_BY_KIND[kind][name]
+    k = rng.randint(2, 199)
+    v = rng.choice(SCALAR_ARGS if kind == "scalar" else LIST_ARGS)
+    fill = dict(k=k, v=v)
+    query = rng.choice(FUNCTION_QUERIES).format(name=f"{name}_{k}", desc=desc.format(**fill))
+    body = FUNCTION_BODIES[kind].format(name=f"{name}_{k}", v=v, expr=expr.format(**fill))
+    return query, body, body
+
+
+@dataclass(frozen=True)
+class Family:
+    """A task family: how to draw an example and where its final answer starts."""
+
+    make: Callable[[random.Random], tuple]  # rng -> (query, response, answer)
+    marker: Optional[str] = None  # the answer follows the last marker; None: the whole response
+
+
+FAMILIES: Dict[str, Family] = {
+    "addition": Family(addition, ANSWER),
+    "subtraction": Family(subtraction, ANSWER),
+    "sort": Family(sorting),
+    "reverse": Family(reversing),
+    "sequence": Family(sequence),
+    "upper": Family(upper_case),
+    "function": Family(python_function),
+}
+
+
+def normalize(text: str) -> str:
+    """Surrounding whitespace and trailing spaces on each line do not count."""
+    return "\n".join(line.rstrip() for line in text.strip().splitlines())
+
+
+def extract_answer(text: str, family: str) -> Optional[str]:
+    """The final answer in a generated text: after the family's last marker, or the whole text."""
+    marker = FAMILIES[family].marker
+    if marker is None:
+        return normalize(text)
+    if marker not in text:
+        return None
+    return normalize(text.rsplit(marker, 1)[1])
+
+
+def check(example: dict, generated_text: str) -> bool:
+    """Whether a generated text's final answer equals the example's, up to surrounding whitespace."""
+    family = example.get("family")
+    if family not in FAMILIES:  # foreign data: the whole response is the answer
+        return normalize(generated_text) == normalize(example.get("answer", example["response"]))
+    expected = example.get("answer")
+    if expected is None:  # a record without its answer: take it from the reference response
+        expected = extract_answer(example["response"], family)
+    return extract_answer(generated_text, family) == normalize(expected)
+
+
+def make_example(family: str, rng: random.Random) -> dict:
+    """One example of a family."""
+    query, response, answer = FAMILIES[family].make(rng)
+    return {"query": query, "response": response, "family": family, "answer": answer}
+
+
+def example_stream(seed: int):
+    """Examples, families in turn, forever (until a family runs dry); no query and no response twice.
+
+    Responses are deduplicated too: a rephrased query (or, for sort, a reshuffled
+    list) would otherwise bring a test answer into train.
+    """
+    rng = random.Random(seed)
+    queries, responses = set(), set()
+    names = sorted(FAMILIES)
+    for k in range(sys.maxsize):
+        family = names[k % len(names)]
+        for _ in range(MAX_RETRIES):
+            example = make_example(family, rng)
+            if example["query"] not in queries and example["response"] not in responses:
+                break
+        else:
+            raise ValueError(f"family {family!r} has no new examples left after {len(queries)} examples")
+        queries.add(example["query"])
+        responses.add(example["response"])
+        yield example
+
+
+def resolve_sizes(sizes: Optional[Dict[str, int]]) -> Dict[str, int]:
+    """Split sizes: the defaults, overridden by ``sizes``; each must be >= 0."""
+    merged = dict(DEFAULT_SIZES, **(sizes or {}))
+    unknown = set(merged) - set(ORDER)
+    if unknown:
+        raise ValueError(f"unknown split {sorted(unknown)[0]!r} (splits: {', '.join(ORDER)})")
+    if any(not isinstance(n, int) or n < 0 for n in merged.values()):
+        raise ValueError(f"split sizes must be non-negative integers, got {merged}")
+    return merged
+
+
+def make_splits(seed: int = DEMO_SEED, sizes: Optional[Dict[str, int]] = None) -> Dict[str, List[dict]]:
+    """{"train", "valid", "test"} example lists; no query appears twice across them."""
+    sizes = resolve_sizes(sizes)
+    stream = example_stream(seed)
+    return {name: [next(stream) for _ in range(sizes[name])] for name in ORDER}
+
+
+def test_split(seed: int = DEMO_SEED, size: int = DEFAULT_SIZES["test"]) -> List[dict]:
+    """The test split of ``seed`` alone (it is generated first, so nothing else is needed)."""
+    return make_splits(seed, {"train": 0, "valid": 0, "test": size})["test"]
+
+
+def write_splits(folder, seed: int = DEMO_SEED, sizes: Optional[Dict[str, int]] = None) -> Path:
+    """Write train.jsonl, valid.jsonl and test.jsonl ({"query","response"} plus family and answer)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, examples in make_splits(seed, sizes).items():
+        lines = (json.dumps(x, ensure_ascii=False) for x in examples)
+        (folder / f"{name}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return folder
+
+
+def length_stats(examples: Sequence[dict], encode: Callable[[str], list], key: str = "response") -> dict:
+    """Per family: (count, min, median, max) of ``key`` lengths in tokens."""
+    lengths: Dict[str, List[int]] = {}
+    for x in examples:
+        lengths.setdefault(x["family"], []).append(len(encode(x[key])))
+    return {f: (len(v), min(v), sorted(v)[len(v) // 2], max(v)) for f, v in sorted(lengths.items())}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m refusion_mlx.demo.tasks",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder for train.jsonl / valid.jsonl / test.jsonl")
+    parser.add_argument("--seed", type=int, default=DEMO_SEED)
+    for name in ORDER[::-1]:
+        parser.add_argument(f"--{name}", type=int, default=DEFAULT_SIZES[name], help=f"{name} examples")
+    args = parser.parse_args(argv)
+    try:
+        folder = write_splits(args.out, args.seed, {n: getattr(args, n) for n in ORDER})
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(f'{getattr(args, n)} {n}' for n in ORDER[::-1])} examples to {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
