@@ -18,7 +18,7 @@ from .autoregressive import generate_ar_ids
 from .cache import SlotCache
 from .decode import GenerationResult, generate_ids
 from .presets import PRESETS
-from .errors import RefusionError
+from .errors import ArgumentParser, RefusionError
 
 FORWARD_SIZES = (1, 8, 32, 128)
 
@@ -74,7 +74,7 @@ def run_benchmark(model, ids: Sequence[int], knobs: dict, eos: List[int], out=sy
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m refusion_mlx.benchmark", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m refusion_mlx.benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="local folder or Hugging Face repo id")
     parser.add_argument("--prompt", default="Write a Python function that returns the n-th Fibonacci number.")
     parser.add_argument("--ignore-chat-template", action="store_true")

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .errors import RefusionError
+from .errors import ArgumentParser, RefusionError
 
 DTYPE_CHOICES = ("float16", "bfloat16", "float32")
 Q_BITS = (2, 3, 4, 5, 6, 8)
@@ -52,17 +52,9 @@ TOKENIZER_FILES = (
 MASK_TOKEN = "<|mask|>"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one ``error:`` line."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """mlx-lm's convert flags, plus shard size, --force and our recipes."""
-    p = _Parser(prog="python -m convert",
+    p = ArgumentParser(prog="python -m convert",
                 description="Convert a ReFusion checkpoint to MLX, optionally quantized.")
     p.add_argument("--hf-path", "--model", required=True, help="local HF/MLX folder or Hugging Face repo id")
     p.add_argument("--mlx-path", default="mlx_model", help="folder to write")

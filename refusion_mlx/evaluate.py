@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from .errors import RefusionError
+from .errors import ArgumentParser, RefusionError, run_command
 from .plot import plot, plot_backend
 
 DEFAULT_SETTINGS = (
@@ -34,14 +34,6 @@ KEYS = {"s": "slot_size", "slot": "slot_size", "slot_size": "slot_size",
         "tt": "token_threshold", "token_threshold": "token_threshold"}
 SETTING_DEFAULTS = dict(slot_size=8, serial_num_blocks=2, slot_threshold=0.9, token_threshold=0.9)
 AR_NAME = "left-to-right"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one ``error:`` line, like every other error here."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 @dataclass
@@ -225,7 +217,7 @@ def format_families(scores: Sequence[Score]) -> Optional[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m refusion_mlx.evaluate", description=__doc__,
+    parser = ArgumentParser(prog="python -m refusion_mlx.evaluate", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="local folder or Hugging Face repo id")
     parser.add_argument("--adapter-path", help="folder with fine-tuned adapters")
@@ -286,15 +278,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except RefusionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

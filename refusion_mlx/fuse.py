@@ -17,20 +17,12 @@ from typing import Optional, Sequence
 
 from mlx.utils import tree_unflatten
 
-from .errors import RefusionError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one ``error:`` line."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+from .errors import ArgumentParser, RefusionError
 
 
 def build_parser() -> argparse.ArgumentParser:
     """mlx-lm's fuse flags (no GGUF export, no upload)."""
-    p = _Parser(prog="python -m refusion_mlx.fuse", description="Fuse fine-tuned adapters into the model.")
+    p = ArgumentParser(prog="python -m refusion_mlx.fuse", description="Fuse fine-tuned adapters into the model.")
     p.add_argument("--model", required=True, help="base model: local folder or Hugging Face repo id")
     p.add_argument("--adapter-path", default="adapters",
                    help="folder with adapter_config.json + adapters.safetensors")

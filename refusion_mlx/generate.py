@@ -6,11 +6,11 @@ from typing import Optional, Sequence
 
 from .decode import DecodeSettings
 from .presets import DEFAULTS, PRESET_GEN_LENGTH, PRESETS
-from .errors import RefusionError
+from .errors import ArgumentParser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m refusion_mlx.generate",
         description="Generate text with ReFusion's plan-and-infill decoder.",
     )
@@ -53,15 +53,7 @@ def settings_from_args(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except RefusionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(run, build_parser().parse_args(argv))
 
 
 def run(args) -> int:

@@ -14,7 +14,7 @@ import sys
 import types
 from typing import Optional, Sequence
 
-from .errors import RefusionError
+from .errors import ArgumentParser, RefusionError
 from .trainer import OPTIMIZERS, run_test, run_training
 
 # Upstream train.py: PEFT LoRA r=8, alpha=16, dropout 0.01 on q/k/v/o, every layer.
@@ -31,17 +31,9 @@ CONFIG_DEFAULTS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one ``error:`` line, like every other error here."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """mlx-lm's flags, plus --lora-rank/--lora-alpha/--lora-dropout/--lora-keys."""
-    p = _Parser(prog="python -m refusion_mlx.lora",
+    p = ArgumentParser(prog="python -m refusion_mlx.lora",
                 description="Fine-tune ReFusion with its hybrid AR + masked-diffusion objective.")
     p.add_argument("--model", help="local model folder or Hugging Face repo id")
     p.add_argument("--train", action="store_true", default=None, help="train")
