@@ -53,8 +53,11 @@ def prepare_model(model, args):
     if args.fine_tune_type == "full":
         if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
             raise RefusionError("full fine-tuning needs an unquantized model (use lora or dora for QLoRA)")
-        for layer in model.layers[-max(args.num_layers, 0):]:
-            layer.unfreeze()
+        if args.num_layers == -1:
+            model.unfreeze()  # everything, embeddings and head too: as upstream, and what training from scratch needs
+        else:
+            for layer in model.layers[-args.num_layers:]:
+                layer.unfreeze()
         args.lora_parameters = None  # as mlx-lm: a full run's adapter_config has no LoRA block
         return
     args.lora_parameters["keys"] = resolve_keys(model, args.lora_parameters["keys"])

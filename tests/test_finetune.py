@@ -130,6 +130,15 @@ def test_dora_and_full_round_trip(capsys, tiny_path, data_dir, tmp_path, kind):
     assert mx.allclose(loaded(PROBE, PROBE_POS), fused(PROBE, PROBE_POS), atol=1e-4).item()
 
 
+def test_full_of_every_layer_trains_embeddings_and_head(capsys, tiny_path, data_dir, tmp_path):
+    """Upstream's full fine-tuning (and training from scratch) updates every weight."""
+    train(capsys, tiny_path, data_dir, tmp_path / "all", "--iters", "2", "--fine-tune-type", "full")
+    saved = mx.load(str(tmp_path / "all" / "adapters.safetensors"))
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= set(saved)
+    base = mx.load(str(next(tiny_path.glob("*.safetensors"))))
+    assert not mx.array_equal(saved["model.embed_tokens.weight"], base["model.embed_tokens.weight"]).item()
+
+
 def test_yaml_config_and_lora_keys(capsys, tiny_path, data_dir, tmp_path):
     config = tmp_path / "ft.yaml"
     config.write_text("iters: 2\nlora_parameters:\n  rank: 4\n  alpha: 8\n  keys: [q_proj, down_proj]\n")
