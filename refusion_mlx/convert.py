@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .errors import ArgumentParser, RefusionError
+from .errors import ArgumentParser, RefusionError, run_command
 
 DTYPE_CHOICES = ("float16", "bfloat16", "float32")
 Q_BITS = (2, 3, 4, 5, 6, 8)
@@ -428,18 +428,13 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", *, quantize: bool = False
     return target
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        target = convert(**vars(args))
-    except RefusionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(f"Converted model saved to {target}")
+def run(args) -> int:
+    print(f"Converted model saved to {convert(**vars(args))}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_command(run, build_parser().parse_args(argv), "interrupted; nothing was written")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def run_command(run, args) -> int:
+def run_command(run, args, interrupted: str = "interrupted") -> int:
     """Call ``run(args)``; a RefusionError becomes one ``error:`` line and exit status 2."""
     try:
         return run(args)
@@ -24,5 +24,5 @@ def run_command(run, args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130

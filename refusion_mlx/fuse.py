@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from mlx.utils import tree_unflatten
 
-from .errors import ArgumentParser, RefusionError
+from .errors import ArgumentParser, RefusionError, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,15 +107,13 @@ def fuse(model_path: str, adapter_path: str, save_path: str, dequantize: bool = 
     return target
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        target = fuse(args.model, args.adapter_path, args.save_path, args.dequantize)
-    except RefusionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"Fused model saved to {target}")
+def run(args) -> int:
+    print(f"Fused model saved to {fuse(args.model, args.adapter_path, args.save_path, args.dequantize)}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_command(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

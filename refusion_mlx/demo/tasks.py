@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from ..errors import RefusionError, run_command
+
 DEMO_SEED = 0
 DEFAULT_SIZES = {"train": 20000, "valid": 500, "test": 500}
 ORDER = ("test", "valid", "train")  # generation order: test is fixed by (seed, test size) alone
@@ -311,12 +313,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=DEMO_SEED)
     for name in ORDER[::-1]:
         parser.add_argument(f"--{name}", type=int, default=DEFAULT_SIZES[name], help=f"{name} examples")
-    args = parser.parse_args(argv)
+    return run_command(_write, parser.parse_args(argv))
+
+
+def _write(args) -> int:
+    """The CLI's work: write the splits and say what was written."""
     try:
         folder = write_splits(args.out, args.seed, {n: getattr(args, n) for n in ORDER})
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise RefusionError(str(e)) from None
     print(f"wrote {', '.join(f'{getattr(args, n)} {n}' for n in ORDER[::-1])} examples to {folder}")
     return 0
 
