@@ -219,8 +219,10 @@ def format_families(scores: Sequence[Score]) -> Optional[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m refusion_mlx.evaluate", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="local folder or Hugging Face repo id")
+    parser.add_argument("--model", default="demo",
+                        help="local folder, Hugging Face repo id or 'demo' (the packaged model; default)")
     parser.add_argument("--adapter-path", help="folder with fine-tuned adapters")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="cast the weights")
     parser.add_argument("--data", help="folder with test.jsonl (or a .jsonl file); default: the demo "
                         "test split regenerated from --seed")
     parser.add_argument("--seed", type=int, help="demo split seed (default: the demo's)")
@@ -260,7 +262,7 @@ def run(args) -> int:
     settings = [parse_setting(s, args.max_tokens) for s in (args.settings or DEFAULT_SETTINGS)]
     seed = DEMO_SEED if args.seed is None else args.seed
     records = load_examples(args.data, args.limit, seed, args.test_size)
-    model, tokenizer = load(args.model, adapter_path=args.adapter_path)
+    model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
     room = max([args.max_tokens] + [-(-args.max_tokens // k["slot_size"]) * k["slot_size"] for k in settings])
     cases = make_cases(tokenizer, records, room, model.args.max_position_embeddings)
     warn_if_slow_blas()  # here, once the input has proved good: bad input stays one line

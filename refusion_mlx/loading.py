@@ -22,16 +22,24 @@ MASK_TOKEN = "<|mask|>"
 # What a hub download may fetch: configs, safetensors, tokenizer files. No code, no pickles.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt", "*.md"]
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+# The small model trained by examples/train_demo.py, shipped inside the package: the offline default.
+DEMO_MODEL_NAME = "demo"
+DEMO_MODEL_PATH = Path(__file__).resolve().parent / "demo" / "model"
 
 
-def resolve_path(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
-    """A local folder as is; otherwise a hub repo id, downloaded (or found in the hub cache)."""
-    path = Path(path_or_repo).expanduser()
+def resolve_path(path_or_repo: Union[str, Path, None], revision: Optional[str] = None) -> Path:
+    """A local folder as is; None or "demo": the packaged demo model; else a hub repo id."""
+    path = Path(path_or_repo if path_or_repo is not None else DEMO_MODEL_NAME).expanduser()
     if path.exists():
         if not path.is_dir():
             raise RefusionError(f"{path} is a file; expected a model folder")
         return path
-    text = str(path_or_repo)
+    text = str(path)
+    if text == DEMO_MODEL_NAME:
+        if not (DEMO_MODEL_PATH / "config.json").exists():
+            raise RefusionError(f"the demo model is missing from this install ({DEMO_MODEL_PATH}); "
+                                "reinstall refusion-mlx or pass --model")
+        return DEMO_MODEL_PATH
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise RefusionError(f"model folder not found: {text}")
     return _download(text, revision)
@@ -155,13 +163,15 @@ def find_mask_id(model: Model, tokenizer) -> int:
 
 
 def load(
-    path_or_repo: Union[str, Path],
+    path_or_repo: Union[str, Path, None] = None,
     adapter_path: Optional[str] = None,
     dtype: Optional[str] = None,
     revision: Optional[str] = None,
 ) -> Tuple[Model, object]:
-    """Load (model, tokenizer) from a local folder or a hub repo id, with optional adapters."""
+    """Load (model, tokenizer) from a local folder, a hub repo id or the demo model (None)."""
     path = resolve_path(path_or_repo, revision)
+    if dtype is None and path == DEMO_MODEL_PATH:
+        dtype = "float32"  # shipped as float16 to stay small; float32 is fast on every device
     model = load_model(path, dtype=dtype)
     tokenizer = load_tokenizer(path, model)
     model.args.mask_token_id = find_mask_id(model, tokenizer)

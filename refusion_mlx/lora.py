@@ -26,7 +26,7 @@ CONFIG_DEFAULTS = {
     "batch_size": 4, "iters": 1000, "val_batches": 25, "test_batches": 500, "learning_rate": 1e-5,
     "steps_per_report": 10, "steps_per_eval": 200, "save_every": 100, "resume_adapter_file": None,
     "adapter_path": "adapters", "max_seq_length": 2048, "grad_checkpoint": False,
-    "grad_accumulation_steps": 1, "lora_parameters": {}, "config": None,
+    "grad_accumulation_steps": 1, "ar_fraction": 0.0, "lora_parameters": {}, "config": None,
     "lora_rank": None, "lora_alpha": None, "lora_dropout": None, "lora_keys": None,
 }
 
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help="YAML file with any of these options (flags win)")
     p.add_argument("--grad-checkpoint", action="store_true", default=None, help="recompute activations")
     p.add_argument("--seed", type=int, help="seed for data order, slot layouts and LoRA init")
+    p.add_argument("--ar-fraction", type=float,
+                   help="share of examples laid out plainly left to right (default 0: upstream's "
+                        "objective; a model trained from scratch needs some)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (default 8, as upstream)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha; scale = alpha / rank (default 16)")
     p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.01)")
@@ -132,6 +135,8 @@ def check_args(args):
         raise RefusionError("--max-seq-length must be at least 2")
     if not args.learning_rate > 0:
         raise RefusionError("--learning-rate must be positive")
+    if not 0 <= args.ar_fraction <= 1:
+        raise RefusionError(f"--ar-fraction must be in [0, 1], got {args.ar_fraction}")
     if args.fine_tune_type not in ("lora", "dora", "full"):
         raise RefusionError(f"unknown fine_tune_type {args.fine_tune_type!r}")
     if str(args.optimizer).lower() not in OPTIMIZERS:

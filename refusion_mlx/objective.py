@@ -10,6 +10,13 @@ with every token at its true RoPE position. Unmasked slots learn next-token
 prediction inside the slot; masked slots learn to recover their own tokens,
 weighted by ``1 / p`` and divided by the response length. Attention stays
 causal in sequence order, so a masked slot sees the prompt and every clean slot.
+
+That objective never asks for a token across a slot boundary from the tokens
+before it (the prompt's last token and each slot's last token have no label):
+upstream starts from Qwen3-8B, which already does that. A model trained from
+nothing (the demo) gets it from ``ar_fraction``: that share of examples is laid
+out plainly, prompt then response in order, every response token (the first
+included) the label of the token before it. 0 (the default) is upstream exactly.
 """
 
 import random
@@ -36,6 +43,7 @@ class SlotPlan:
     p_mask: float
     slot_masked: List[bool]  # one flag per response slot, in response order
     ar_order: List[int]  # the unmasked slot indices, in the (shuffled) order they are laid out
+    left_to_right: bool = False  # plain next-token layout (see ar_fraction)
 
 
 @dataclass
@@ -57,11 +65,14 @@ def slot_bounds(n: int, slot_size: int) -> List[range]:
 
 
 def draw_plan(n_response: int, rng: random.Random, slot_sizes: Sequence[int] = SLOT_SIZES,
-              eps: float = EPS, t: Optional[float] = None) -> SlotPlan:
+              eps: float = EPS, t: Optional[float] = None, ar_fraction: float = 0.0) -> SlotPlan:
     """Draw slot size, t, per-slot masks and the shuffle, in upstream's order of draws.
 
     A given ``t`` skips its draw (evaluation spreads t evenly to steady the estimate).
+    With ``ar_fraction`` > 0 one more draw comes first: whether to lay out left to right.
     """
+    if ar_fraction > 0 and rng.random() < ar_fraction:
+        return SlotPlan(n_response, 0.0, 1.0, [False], [0], left_to_right=True)
     slot_size = rng.choice(list(slot_sizes))
     n_slots = len(slot_bounds(n_response, slot_size))
     t = rng.random() if t is None else t
@@ -75,6 +86,13 @@ def draw_plan(n_response: int, rng: random.Random, slot_sizes: Sequence[int] = S
 def arrange(prompt: Sequence[int], response: Sequence[int], mask_id: int, plan: SlotPlan) -> Layout:
     """Lay out prompt, shuffled clean slots and masked slots as ``plan`` says."""
     n_prompt = len(prompt)
+    if plan.left_to_right:
+        tokens = list(prompt) + list(response)
+        labels = [IGNORE] * len(tokens)
+        for i in range(max(n_prompt - 1, 0), len(tokens) - 1):
+            labels[i] = tokens[i + 1]
+        return Layout(tokens, labels, [False] * len(tokens), list(range(len(tokens))), plan.p_mask,
+                      len(response), plan)
     slots = slot_bounds(len(response), plan.slot_size)
     inputs, labels = list(prompt), [IGNORE] * n_prompt
     is_mdm, positions = [False] * n_prompt, list(range(n_prompt))
@@ -95,11 +113,12 @@ def arrange(prompt: Sequence[int], response: Sequence[int], mask_id: int, plan: 
 
 def layout_example(prompt: Sequence[int], response: Sequence[int], mask_id: int, rng: random.Random,
                    slot_sizes: Sequence[int] = SLOT_SIZES, eps: float = EPS,
-                   t: Optional[float] = None) -> Layout:
+                   t: Optional[float] = None, ar_fraction: float = 0.0) -> Layout:
     """Draw the random decisions for one example and lay it out for training."""
     if not response:
         raise RefusionError("an example has an empty response; nothing to train on")
-    return arrange(prompt, response, mask_id, draw_plan(len(response), rng, slot_sizes, eps, t))
+    plan = draw_plan(len(response), rng, slot_sizes, eps, t, ar_fraction)
+    return arrange(prompt, response, mask_id, plan)
 
 
 def padded_length(n: int, pad_to: int = 32) -> int:

@@ -105,7 +105,7 @@ def atomic_write_json(path: Path, obj: dict):
 def adapter_config(args) -> dict:
     """adapter_config.json in mlx-lm's layout (what ``load_adapters`` reads) plus our run's options."""
     keep = ["model", "data", "fine_tune_type", "num_layers", "lora_parameters", "optimizer", "seed",
-            "batch_size", "iters", "learning_rate", "lr_schedule", "max_seq_length",
+            "batch_size", "iters", "learning_rate", "lr_schedule", "max_seq_length", "ar_fraction",
             "grad_accumulation_steps"]
     config = {k: getattr(args, k) for k in keep}
     config["objective"] = "refusion-hybrid-ar-mdm"
@@ -197,15 +197,18 @@ def batch_for_step(batches: list, step: int, seed: int) -> list:
     return batches[order[k]]
 
 
-def make_batch(examples, indices, mask_id: int, pad_id: int, rng: random.Random, ts=None):
+def make_batch(examples, indices, mask_id: int, pad_id: int, rng: random.Random, ts=None,
+               ar_fraction: float = 0.0):
     """Lay out and collate the examples at ``indices`` (at given t's, if any); count their tokens."""
     ts = ts or [None] * len(indices)
-    layouts = [layout_example(examples[i].prompt, examples[i].response, mask_id, rng, t=t)
+    layouts = [layout_example(examples[i].prompt, examples[i].response, mask_id, rng, t=t,
+                              ar_fraction=ar_fraction)
                for i, t in zip(indices, ts)]
     return collate(layouts, pad_id), sum(len(x.inputs) for x in layouts)
 
 
-def evaluate(model, examples, batch_size: int, num_batches: int, mask_id: int, pad_id: int, seed: int):
+def evaluate(model, examples, batch_size: int, num_batches: int, mask_id: int, pad_id: int, seed: int,
+             ar_fraction: float = 0.0):
     """Mean (loss, AR, MDM) over held-out batches.
 
     Layouts are seeded, so evaluations compare; t is spread evenly over the
@@ -223,7 +226,8 @@ def evaluate(model, examples, batch_size: int, num_batches: int, mask_id: int, p
     for k, indices in enumerate(batches):
         ts = [(seen + j + 0.5) / n for j in range(len(indices))]
         seen += len(indices)
-        batch, _ = make_batch(examples, indices, mask_id, pad_id, random.Random(f"{seed}:eval:{k}"), ts)
+        batch, _ = make_batch(examples, indices, mask_id, pad_id, random.Random(f"{seed}:eval:{k}"), ts,
+                              ar_fraction)
         loss, ar, mdm, _ = hybrid_loss(model, batch)
         totals = totals + mx.stack([loss, ar, mdm])
         mx.eval(totals)
@@ -264,7 +268,7 @@ def validate(model, it: int, args, valid_set, mask_id: int, pad_id: int):
     """Validation loss line; back to training mode afterwards."""
     tic = time.perf_counter()
     loss, ar, mdm = evaluate(model, valid_set, args.batch_size, args.val_batches, mask_id, pad_id,
-                             args.seed)
+                             args.seed, args.ar_fraction)
     model.train()
     print(f"Iter {it}/{args.iters}: val loss {loss:.3f} (AR {ar:.3f}, MDM {mdm:.3f}), "
           f"took {time.perf_counter() - tic:.2f}s", flush=True)
@@ -285,7 +289,7 @@ def train(model, optimizer, train_set, valid_set, args, mask_id: int, pad_id: in
         mx.random.seed(args.seed * 1_000_003 + it)  # dropout masks depend on (seed, step) only: resumable
         indices = batch_for_step(batches, it, args.seed)
         rng = random.Random(f"{args.seed}:step:{it}")
-        batch, ntok = make_batch(train_set, indices, mask_id, pad_id, rng)
+        batch, ntok = make_batch(train_set, indices, mask_id, pad_id, rng, ar_fraction=args.ar_fraction)
         losses, _, grad = step(batch, grad, it % args.grad_accumulation_steps == 0)
         sums = sums + losses
         mx.eval(state, sums, grad)
@@ -327,6 +331,6 @@ def run_training(model, args, train_set, valid_set, mask_id: int, pad_id: int):
 def run_test(model, args, test_set, mask_id: int, pad_id: int):
     """Held-out loss on test.jsonl (seeded layouts)."""
     loss, ar, mdm = evaluate(model, test_set, args.batch_size, args.test_batches, mask_id, pad_id,
-                             args.seed)
+                             args.seed, args.ar_fraction)
     print(f"Test loss {loss:.3f} (AR {ar:.3f}, MDM {mdm:.3f})")
     return loss

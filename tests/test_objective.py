@@ -176,3 +176,40 @@ def test_gradient_flows_through_per_token_rope(tiny_path):
     numeric = (values[0] - values[1]) / (2 * h)
     assert (g * direction).sum().item() == pytest.approx(numeric, rel=2e-2)
     assert mx.abs(g).max().item() > 0
+
+
+def test_left_to_right_share_is_a_plain_causal_lm_loss(tiny_path):
+    """ar_fraction=1: prompt + response in order, every response token (the first too) predicted
+    from the tokens before it, so the loss is the mean next-token CE over the response."""
+    from refusion_mlx import load_model
+
+    model = load_model(tiny_path)
+    examples = make_examples(3)
+    rng = random.Random(4)
+    layouts = [layout_example(p, r, MASK, rng, ar_fraction=1.0) for p, r in examples]
+    for (prompt, response), x in zip(examples, layouts):
+        assert x.inputs == prompt + response and x.positions == list(range(len(x.inputs)))
+        assert x.labels == [IGNORE] * (len(prompt) - 1) + response + [IGNORE]
+        assert not any(x.is_mdm)
+    loss, ar, mdm, n = hybrid_loss(model, collate(layouts))
+    expected, count = 0.0, 0
+    for prompt, response in examples:
+        tokens = mx.array([prompt + response])
+        logp = nn.log_softmax(model(tokens)[0].astype(mx.float32), axis=-1)
+        for i in range(len(prompt) - 1, len(prompt) + len(response) - 1):
+            expected -= logp[i, (prompt + response)[i + 1]].item()
+            count += 1
+    assert mdm.item() == 0.0 and n.item() == count
+    assert ar.item() == pytest.approx(expected / count, rel=1e-4)
+
+
+def test_ar_fraction_mixes_layouts_and_zero_keeps_upstream_draws():
+    """A share near ar_fraction is left to right; with 0 the draws are upstream's, one for one."""
+    plans = [draw_plan(40, random.Random(k), ar_fraction=0.25) for k in range(400)]
+    share = sum(p.left_to_right for p in plans) / len(plans)
+    assert 0.18 < share < 0.32
+    a, b = random.Random(9), random.Random(9)
+    for _ in range(20):
+        plan = draw_plan(37, a, ar_fraction=0.0)
+        size, t, _, masked, clean = reference_plan(37, b)
+        assert (plan.slot_size, plan.t, plan.slot_masked, plan.ar_order) == (size, t, masked, clean)
