@@ -27,14 +27,16 @@ from refusion_mlx.demo import tasks, tokenizer  # noqa: E402
 from refusion_mlx.demo.card import write_card  # noqa: E402
 from refusion_mlx.loading import DEMO_MODEL_PATH  # noqa: E402
 
-SIZES = {"train": 60000, "valid": 500, "test": 500}
+SPLIT_SIZES = {"valid": 500, "test": 500}  # the test split is generated first, so never trained on
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="models/demo", help="work folder: data/, init/, adapters/, model/")
     p.add_argument("--size", default="small", choices=sorted(tokenizer.SIZES))
-    p.add_argument("--iters", type=int, default=20000)
+    p.add_argument("--train-examples", type=int, default=80000,
+                   help="training split size (more unique examples, less memorising)")
+    p.add_argument("--iters", type=int, default=26000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--learning-rate", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=500)
@@ -51,11 +53,16 @@ def prepare(out: Path, args):
     """Steps 1-2: the splits and the blank checkpoint (skipped when already there)."""
     data, init = out / "data", out / "init"
     if not (data / "train.jsonl").exists():
-        tasks.write_splits(data, args.seed, SIZES)
+        tasks.write_splits(data, args.seed, split_sizes(args))
     if not (init / "model.safetensors").exists():
         tokenizer.train_tokenizer(tokenizer.corpus(data), init)
         tokenizer.init_checkpoint(init, init, args.size, args.seed)
     return data, init
+
+
+def split_sizes(args) -> dict:
+    """Example counts of the train/valid/test splits."""
+    return dict(SPLIT_SIZES, train=args.train_examples)
 
 
 def schedule_file(out: Path, args) -> Path:
@@ -92,7 +99,7 @@ def export(out: Path, init: Path, adapters: Path, args, seconds: float) -> Path:
     model = convert.convert(str(fused), str(out / "model"), dtype="float16", force=True)
     shutil.rmtree(fused)
     recipe = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "ship")}
-    recipe.update(sizes=SIZES, train_seconds=round(seconds))
+    recipe.update(sizes=split_sizes(args), train_seconds=round(seconds))
     (model / "training.json").write_text(json.dumps(recipe, indent=2) + "\n")
     write_card(model)
     return model

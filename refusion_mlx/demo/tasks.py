@@ -155,14 +155,15 @@ def sorting(rng: random.Random):
     order = rng.choice(sorted(SORT_QUERIES))
     answer = ", ".join(map(str, sorted(numbers, reverse=order == "descending")))
     query = rng.choice(SORT_QUERIES[order]).format(items=", ".join(map(str, numbers)))
-    return query, answer, answer
+    return query, f"{ANSWER} {answer}", answer
 
 
 def reversing(rng: random.Random):
     """Reverse a sentence of 16-32 words: pure copying from the prompt."""
     words = [rng.choice(WORDS) for _ in range(rng.randint(16, 32))]
     answer = " ".join(reversed(words))
-    return rng.choice(REVERSE_QUERIES).format(words=" ".join(words)), answer, answer
+    # The lead-in puts a space before the first word, so it is the same token as in the prompt.
+    return rng.choice(REVERSE_QUERIES).format(words=" ".join(words)), f"{ANSWER} {answer}", answer
 
 
 def sequence(rng: random.Random):
@@ -203,8 +204,8 @@ class Family:
 FAMILIES: Dict[str, Family] = {
     "addition": Family(addition, ANSWER),
     "subtraction": Family(subtraction, ANSWER),
-    "sort": Family(sorting),
-    "reverse": Family(reversing),
+    "sort": Family(sorting, ANSWER),
+    "reverse": Family(reversing, ANSWER),
     "sequence": Family(sequence),
     "upper": Family(upper_case),
     "function": Family(python_function),
