@@ -99,7 +99,8 @@ def export(out: Path, init: Path, adapters: Path, args, seconds: float) -> Path:
     model = convert.convert(str(fused), str(out / "model"), dtype="float16", force=True)
     shutil.rmtree(fused)
     recipe = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "ship")}
-    recipe.update(sizes=split_sizes(args), train_seconds=round(seconds))
+    # A resumed run only knows its own time: say so rather than under-report the whole.
+    recipe.update(sizes=split_sizes(args), train_seconds_this_run=round(seconds), resumed=args.resume)
     (model / "training.json").write_text(json.dumps(recipe, indent=2) + "\n")
     write_card(model)
     return model

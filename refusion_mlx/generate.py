@@ -1,11 +1,16 @@
-"""The command line: ``python -m refusion_mlx.generate --model PATH_OR_REPO --prompt "..."``."""
+"""The command line: ``python -m refusion_mlx.generate [--model PATH_OR_REPO] --prompt "..."``.
+
+Without ``--model`` (or with ``--model demo``) it runs the small demo model that ships
+inside the package, offline, with knobs suited to it; ``--model GSAI-ML/ReFusion`` is
+the real 8B model.
+"""
 
 import argparse
 import sys
 from typing import Optional, Sequence
 
 from .decode import DecodeSettings
-from .presets import DEFAULTS, PRESET_GEN_LENGTH, PRESETS
+from .presets import DEFAULTS, DEMO_DEFAULTS, PRESET_GEN_LENGTH, PRESETS
 from .errors import ArgumentParser, run_command
 
 
@@ -14,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m refusion_mlx.generate",
         description="Generate text with ReFusion's plan-and-infill decoder.",
     )
-    parser.add_argument("--model", required=True, help="local folder or Hugging Face repo id")
+    parser.add_argument("--model", help="local folder or Hugging Face repo id (e.g. GSAI-ML/ReFusion); "
+                        "default: the packaged demo model, offline")
     parser.add_argument("--adapter-path", help="folder with fine-tuned adapters")
     parser.add_argument("--prompt", "-p", required=True, help="the prompt; '-' reads it from stdin")
     parser.add_argument("--system-prompt", help="system message for the chat template")
@@ -35,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args) -> dict:
-    """Knobs from the CLI: defaults, then the preset, then explicit flags."""
-    knobs = dict(DEFAULTS)
+    """Knobs from the CLI: defaults (the demo model's own for it), then the preset, then explicit flags."""
+    from .loading import is_demo
+
+    knobs = dict(DEMO_DEFAULTS if is_demo(args.model) else DEFAULTS)
     if args.preset:
         knobs.update(PRESETS[args.preset], gen_length=PRESET_GEN_LENGTH)
     explicit = {

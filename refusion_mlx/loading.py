@@ -27,6 +27,12 @@ DEMO_MODEL_NAME = "demo"
 DEMO_MODEL_PATH = Path(__file__).resolve().parent / "demo" / "model"
 
 
+def is_demo(path_or_repo: Union[str, Path, None]) -> bool:
+    """Whether ``path_or_repo`` names the packaged demo model (a local folder called demo wins)."""
+    name = path_or_repo if path_or_repo is not None else DEMO_MODEL_NAME
+    return str(name) == DEMO_MODEL_NAME and not Path(name).exists()
+
+
 def resolve_path(path_or_repo: Union[str, Path, None], revision: Optional[str] = None) -> Path:
     """A local folder as is; None or "demo": the packaged demo model; else a hub repo id."""
     path = Path(path_or_repo if path_or_repo is not None else DEMO_MODEL_NAME).expanduser()
@@ -35,7 +41,7 @@ def resolve_path(path_or_repo: Union[str, Path, None], revision: Optional[str] =
             raise RefusionError(f"{path} is a file; expected a model folder")
         return path
     text = str(path)
-    if text == DEMO_MODEL_NAME:
+    if is_demo(text):
         if not (DEMO_MODEL_PATH / "config.json").exists():
             raise RefusionError(f"the demo model is missing from this install ({DEMO_MODEL_PATH}); "
                                 "reinstall refusion-mlx or pass --model")

@@ -15,3 +15,6 @@ PRESETS: Dict[str, dict] = {
 PRESET_GEN_LENGTH = 512
 # Without a preset (CLI and text API): upstream generate.py's example settings.
 DEFAULTS = dict(gen_length=512, slot_size=4, serial_num_blocks=32, slot_threshold=0.6, token_threshold=0.3)
+# For the packaged demo model (max_position_embeddings 512, answers under 200 tokens): the
+# setting that led its benchmark (README), measured with python -m refusion_mlx.evaluate.
+DEMO_DEFAULTS = dict(gen_length=256, slot_size=8, serial_num_blocks=4, slot_threshold=0.9, token_threshold=0.5)

@@ -9,8 +9,10 @@ import pytest
 from conftest import with_root_on_path
 
 from checkpoints import tiny_config, write_checkpoint
-from refusion_mlx import generate, generate_ids, stream_generate
+from refusion_mlx import generate_ids, stream_generate
 from refusion_mlx.generate import main
+# The function (the package's `generate` is shadowed once the CLI module of that name is imported).
+from refusion_mlx.text import generate
 from refusion_mlx.text import prompt_ids
 
 
@@ -112,3 +114,4 @@ def test_missing_weights_exit_2(tmp_path, capsys):
     (path / "model.safetensors").unlink()
     assert main(["--model", str(path), "--prompt", "hi"]) == 2
     assert "no model*.safetensors" in capsys.readouterr().err
+
