@@ -114,4 +114,3 @@ def test_missing_weights_exit_2(tmp_path, capsys):
     (path / "model.safetensors").unlink()
     assert main(["--model", str(path), "--prompt", "hi"]) == 2
     assert "no model*.safetensors" in capsys.readouterr().err
-
