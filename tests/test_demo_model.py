@@ -94,3 +94,17 @@ def test_cli_without_model_answers_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Column 1: 2 + 9 + 0 = 11, write 1, carry 1" in proc.stdout
     assert "Answer: 1141" in proc.stdout and "TPF" in proc.stdout
+
+
+def test_data_card_from_a_trained_folder(tmp_path):
+    import shutil
+
+    from refusion_mlx.demo.card import NO_RESULTS, write_card
+
+    for name in ("config.json", "training.json", "model.safetensors"):
+        shutil.copy(DEMO_MODEL_PATH / name, tmp_path / name)
+    text = write_card(tmp_path).read_text()
+    assert "4.8M-parameter" in text and "80000 train" in text and "25% of the examples" in text
+    assert all(f"| {family} | `" in text for family in tasks.FAMILIES)
+    assert NO_RESULTS in text
+    assert "measured" in write_card(tmp_path, "measured: 95%").read_text()

@@ -11,7 +11,8 @@ CARD = """\
 
 A {parameters} Qwen3-architecture masked-diffusion LM trained from scratch by
 `examples/train_demo.py` with ReFusion's hybrid objective (autoregressive loss on
-shuffled clean slots + masked-diffusion loss on masked slots), so that the
+shuffled clean slots + masked-diffusion loss on masked slots; a share of
+{ar_share:.0%} of the examples laid out plainly left to right, `ar_fraction`), so that the
 plan-and-infill decoder has real confidence to work with. It ships inside the
 `refusion_mlx` package ({dtype}, {size_mb:.1f} MB) and is what
 `python -m refusion_mlx.generate` uses when no `--model` is given.
@@ -45,9 +46,12 @@ token per digit), Qwen's special tokens plus `<|beginoftext|>` and `<|mask|>`
 {recipe}
 ```
 
-Accuracy and speed: measured with `python -m refusion_mlx.evaluate --model demo`,
-reported in the project README.
+## What it can do
+
+{results}
 """
+NO_RESULTS = ("Not measured yet: `python -m refusion_mlx.evaluate --model FOLDER` prints accuracy and "
+              "speed on the test split.")
 
 
 def example_queries(seed: int = 12345) -> str:
@@ -57,7 +61,7 @@ def example_queries(seed: int = 12345) -> str:
     return "\n".join(rows)
 
 
-def write_card(folder) -> Path:
+def write_card(folder, results: str = NO_RESULTS) -> Path:
     """README.md for a trained demo folder (config.json, training.json, weights) beside them."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -69,6 +73,7 @@ def write_card(folder) -> Path:
         parameters=f"{parameter_count(config) / 1e6:.1f}M-parameter", dtype=config.get("torch_dtype"),
         size_mb=size_bytes / 1e6, seed=recipe["seed"], examples=example_queries(),
         vocab=config["vocab_size"], mask=config["mask_token_id"], recipe=json.dumps(recipe, indent=2),
+        ar_share=recipe.get("ar_fraction", 0.0), results=results,
         **recipe["sizes"])
     path = folder / "README.md"
     path.write_text(text)
