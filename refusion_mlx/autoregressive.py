@@ -48,9 +48,8 @@ def generate_ar_ids(
     def step(tokens, start):
         nonlocal key, calls
         calls += 1
-        positions = mx.arange(start, start + tokens.size)[None]
         view = cache.append(tokens.size)
-        logits = model(tokens.reshape(1, -1), positions, cache, view, last=1)[0, -1]
+        logits = model(tokens.reshape(1, -1), start, cache, view, last=1)[0, -1]
         cache.commit(tokens.size)
         sub = None
         if temperature > 0:

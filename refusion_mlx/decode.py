@@ -115,6 +115,7 @@ class InfillResult:
     tokens: np.ndarray  # (rows, slot) completed rows, rows after an EOS row dropped
     rounds: int
     eos_row: Optional[int]  # row holding the first EOS, if any
+    layout_rows: int  # rows the infill began with: how the rows' entries are laid out in the cache
 
 
 def forward(model, state: DecodeState, tokens, positions, view: CacheView,
@@ -122,7 +123,9 @@ def forward(model, state: DecodeState, tokens, positions, view: CacheView,
     """Logits of ``tokens`` (host or lazy device array) fed as one flat sequence; counts the call."""
     inputs = tokens if isinstance(tokens, mx.array) else mx.array(np.asarray(tokens, dtype=np.int32))
     inputs = inputs.reshape(1, -1)
-    pos = mx.array(np.asarray(positions, dtype=np.int32).reshape(1, -1))
+    pos = np.asarray(positions, dtype=np.int32).reshape(-1)
+    # A contiguous run (the prompt, one slot, neighbouring slots) takes RoPE's fused path.
+    pos = int(pos[0]) if (np.diff(pos) == 1).all() else mx.array(pos[None])
     state.model_calls += 1
     state.tokens_fed += inputs.size
     return model(inputs, pos, state.cache, view, last=last)[0]
@@ -185,38 +188,46 @@ def first_eos(tokens: np.ndarray, eos_ids: Iterable[int]) -> Optional[int]:
     return int(hits[0]) if hits.size else None
 
 
-def commit(state: DecodeState, tokens: np.ndarray) -> int:
-    """Make the first tokens of ``tokens`` final, up to and including the first EOS.
+def commit(state: DecodeState, tokens: np.ndarray, layout_rows: Optional[int] = None) -> int:
+    """Make the first tokens of ``tokens`` (slots, slot_size) final, up to and including the first EOS.
 
-    Their KV entries were written, in the same order, right after the committed
-    ones by the last forward; committing only moves the cache's length.
+    Their KV entries are already in the cache right after the committed ones:
+    in the same order (``layout_rows`` None, a verify pass), or as infill rows
+    laid out column by column. Keeping all of them only moves the cache's
+    length; keeping fewer (an EOS) gathers the kept entries first.
     Returns how many tokens were kept.
     """
-    tokens = tokens.reshape(-1)
-    eos = first_eos(tokens, state.eos_ids)
-    kept = tokens.size if eos is None else eos + 1
-    state.cache.commit(kept)
+    rows, slot_size = tokens.shape
+    flat = tokens.reshape(-1)
+    eos = first_eos(flat, state.eos_ids)
+    kept = flat.size if eos is None else eos + 1
+    if layout_rows is None or (rows == layout_rows and kept == flat.size):
+        state.cache.commit(kept)
+    else:
+        state.cache.keep(state.cache.row_entries(rows, slot_size, layout_rows)[:kept])
     return kept
 
 
 def infill_round(model, state: DecodeState, tokens: np.ndarray, tags: np.ndarray, positions: np.ndarray,
-                 start: int, slot_size: int):
+                 start: int, slot_size: int, layout_rows: int):
     """Re-draft the untagged tokens of every row from ``start`` on, then verify the rows left to right.
 
     Returns the rows' tokens from ``start`` and each one's left-to-right probability (host arrays).
-    Both forwards write the same row entries; the verify pass's are the ones kept.
+    Both forwards write the same row entries; the verify pass's are the ones kept. The rows'
+    tails are fed offset by offset (all rows' token ``start``, then ``start+1``...), the order
+    in which their entries lie in the cache.
     """
-    rows = tokens.shape[0]
-    view = state.cache.rows(rows, slot_size, start)
-    fed_positions = positions[:, start:]
-    tagged = tags[:, start:] == 1
-    masked = np.where(tagged, tokens[:, start:], state.mask_id)
+    rows, width = tokens.shape[0], slot_size - start
+    view = state.cache.rows(rows, slot_size, start, layout_rows)
+    fed_positions = positions[:, start:].T
+    tagged = tags[:, start:].T == 1
+    masked = np.where(tagged, tokens[:, start:].T, state.mask_id)
     draft_logits = forward(model, state, masked, fed_positions, view)
-    proposed = mx.argmax(draft_logits, axis=-1).reshape(rows, slot_size - start)
-    fed = mx.where(mx.array(tagged), mx.array(tokens[:, start:]), proposed)
-    verify_logits = forward(model, state, fed, fed_positions, view)
-    p = next_token_probability(verify_logits.reshape(rows, slot_size - start, -1), fed)
-    return np.array(fed), np.array(p)
+    proposed = mx.argmax(draft_logits, axis=-1).reshape(width, rows)
+    fed = mx.where(mx.array(tagged), mx.array(tokens[:, start:].T), proposed)
+    verify_logits = forward(model, state, fed, fed_positions, view).reshape(width, rows, -1)
+    p = next_token_probability(verify_logits.transpose(1, 0, 2), fed.T)
+    return np.array(fed).T, np.array(p)
 
 
 def update_tags(tags: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray:
@@ -236,10 +247,10 @@ def infill(model, state: DecodeState, drafts: np.ndarray, positions: np.ndarray,
     """
     S = settings.slot_size
     tokens, tags, positions = drafts.copy(), tags.copy(), positions.copy()
-    start, rounds, eos_row = 0, 0, None
+    start, rounds, eos_row, layout_rows = 0, 0, None, drafts.shape[0]
     while not tags.all() and rounds < S:
         rounds += 1
-        tokens[:, start:], p = infill_round(model, state, tokens, tags, positions, start, S)
+        tokens[:, start:], p = infill_round(model, state, tokens, tags, positions, start, S, layout_rows)
         tags[:, start:] = update_tags(tags[:, start:], p, settings.token_threshold)
 
         eos_hits = np.isin(tokens[:, start:], list(state.eos_ids)) & (tags[:, start:] == 1)
@@ -251,7 +262,7 @@ def infill(model, state: DecodeState, drafts: np.ndarray, positions: np.ndarray,
         newly = int(tags[:, start:].sum(axis=1).min())
         # While some row is unfinished, the last commonly accepted token is fed again next round.
         start += newly - 1 if not tags.all() else newly
-    return InfillResult(tokens, rounds, eos_row)
+    return InfillResult(tokens, rounds, eos_row, layout_rows)
 
 
 def generation_tpf(slot_size: int, slots: int, rounds: Optional[int] = None) -> float:
@@ -284,18 +295,19 @@ def iterate(model, state: DecodeState, pending: List[int], settings: DecodeSetti
     result = infill(model, state, drafts, positions, tags, settings)
     n = result.tokens.shape[0]
     return settle(state, pending, starts[:n], result.tokens, positions[:n], result.eos_row, "infill",
-                  generation_tpf(S, len(chosen), result.rounds))
+                  generation_tpf(S, len(chosen), result.rounds), result.layout_rows)
 
 
 def settle(state: DecodeState, pending: List[int], starts: List[int], tokens: np.ndarray,
-           positions: np.ndarray, eos_slot: Optional[int], kind: str, tpf: float) -> Commit:
+           positions: np.ndarray, eos_slot: Optional[int], kind: str, tpf: float,
+           layout_rows: Optional[int] = None) -> Commit:
     """Commit these slots, take them off ``pending`` and describe the commit.
 
     If slot ``eos_slot`` holds an EOS, every pending slot from it onward is
     dropped too (by position: upstream drops by row index while infilling and
     loses the text of slots before the EOS) and generation ends with the block.
     """
-    kept = commit(state, tokens)
+    kept = commit(state, tokens, layout_rows)
     done = set(starts)
     if eos_slot is not None:
         state.finished = True

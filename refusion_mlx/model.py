@@ -8,7 +8,8 @@ the caller says where the new keys go in the cache and what each query may see
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from functools import partial
+from typing import Any, Callable, Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,28 +71,45 @@ class ModelArgs(BaseModelArgs):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for explicit per-token positions, computed once per forward in float32.
+    """RoPE for explicit per-token positions (Qwen's layout: the two halves of each head rotate).
 
-    Positions come in any order and with gaps (slots are committed out of order),
-    so the tables are built from the position ids themselves; every layer reuses them.
+    ``__call__`` returns the rotation to apply to queries and keys in every layer.
+    Positions given as one ``int`` offset (a contiguous run, as in left-to-right
+    decoding) use MLX's fused ``mx.fast.rope``. Arbitrary positions (slots
+    committed out of order, with gaps) use cos/sin tables built once per forward
+    and one fused kernel per rotation.
     """
 
     def __init__(self, head_dim: int, base: float, scale: float = 1.0):
         super().__init__()
+        self.head_dim, self.base, self.scale = head_dim, base, scale
         # Underscore: a constant, not a parameter to load or train.
         self._inv_freq = scale * base ** (-mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim)
 
-    def __call__(self, positions: mx.array):
-        angles = positions.astype(mx.float32)[..., None] * self._inv_freq  # (B, L, D/2)
-        return mx.cos(angles)[:, None], mx.sin(angles)[:, None]  # (B, 1, L, D/2): broadcast over heads
+    def __call__(self, positions: Union[int, mx.array]) -> Callable[[mx.array], mx.array]:
+        if isinstance(positions, int):
+            return partial(mx.fast.rope, dims=self.head_dim, traditional=False, base=self.base,
+                           scale=self.scale, offset=positions)
+        angles = positions.astype(mx.float32)[:, None, :, None, None] * self._inv_freq  # (B, 1, L, 1, D/2)
+        cos, sin = mx.cos(angles), mx.sin(angles)
+        zero = mx.zeros_like(sin)
+        # Tables over (first half, second half): x1*cos - x2*sin and x2*cos + x1*sin.
+        sin_of_second = mx.concatenate([-sin, zero], axis=-2)
+        sin_of_first = mx.concatenate([zero, sin], axis=-2)
+        return partial(rotate_halves, cos=cos, sin_of_first=sin_of_first, sin_of_second=sin_of_second)
 
 
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate the two halves of ``x`` (B, H, L, D) by the angles in ``cos``/``sin`` (Qwen's layout)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
+@partial(mx.compile, shapeless=True)
+def _rotate(x, first, second, cos, sin_of_first, sin_of_second):
+    return (x * cos + second * sin_of_second + first * sin_of_first).astype(x.dtype)
+
+
+def rotate_halves(x: mx.array, cos, sin_of_first, sin_of_second) -> mx.array:
+    """Rotate ``x`` (B, H, L, D) by per-token angles, in one fused elementwise kernel."""
+    B, H, L, D = x.shape
+    halves = x.reshape(B, H, L, 2, D // 2)
+    out = _rotate(halves, halves[..., :1, :], halves[..., 1:, :], cos, sin_of_first, sin_of_second)
+    return out.reshape(B, H, L, D)
 
 
 class Attention(nn.Module):
@@ -117,8 +135,7 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
 
-        q = apply_rope(q, *rope)
-        k = apply_rope(k, *rope)
+        q, k = rope(q), rope(k)
         if cache is not None:
             k, v = cache.store(k, v, view)
 
@@ -164,6 +181,9 @@ class Qwen3Model(nn.Module):
             mask = view.mask
         else:
             mask = "causal" if inputs.shape[1] > 1 else None
+        if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
+            # Additive once per forward: attention would convert a boolean mask in every layer.
+            mask = mx.where(mask, mx.array(0, h.dtype), mx.array(-mx.inf, h.dtype))
         rope = self.rope(positions)
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         for layer, layer_cache in zip(self.layers, layer_caches):
@@ -190,13 +210,15 @@ class Model(nn.Module):
     ) -> mx.array:
         """Logits for ``inputs`` (B, L) at RoPE ``positions`` (B, L; default 0..L-1).
 
+        ``positions`` may also be one ``int``: the tokens sit at that position and after.
+
         With a ``cache`` (``cache.SlotCache``), ``view`` says where the new keys
         are written and which cached entries each query attends to. ``last``
         limits the logits to the last tokens (the vocabulary projection of a
         long prompt is costly and rarely needed).
         """
         if positions is None:
-            positions = mx.broadcast_to(mx.arange(inputs.shape[1]), inputs.shape)
+            positions = 0
         out = self.model(inputs, positions, cache, view)
         if last is not None:
             out = out[:, -last:]

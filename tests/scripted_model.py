@@ -29,7 +29,9 @@ class ScriptedModel:
 
     def __call__(self, inputs, positions=None, cache=None, view=None, last=None):
         self.calls += 1
-        tokens, pos = np.array(inputs)[0], np.array(positions)[0]
+        tokens = np.array(inputs)[0]
+        # One int: a contiguous run starting there (the model's fast RoPE path).
+        pos = positions + np.arange(tokens.size) if isinstance(positions, int) else np.array(positions)[0]
         rows = []
         for t, p in zip(tokens, pos):
             if t == self.args.mask_token_id:

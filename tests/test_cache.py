@@ -1,5 +1,7 @@
 """The slot cache: O(1) crops and commits, shared-prefix slot rows, and its memory footprint."""
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -12,6 +14,11 @@ def forward(model, cache, view, ids, positions):
     return np.array(model(mx.array([ids]), mx.array([positions]), cache, view)[0])
 
 
+def offset_major(rows):
+    """Rows' tokens in the order a rows view takes them: every row's first, then every row's second..."""
+    return np.asarray(rows).T.reshape(-1).tolist()
+
+
 def test_rows_share_one_prefix_and_equal_separate_copies(tiny_model):
     """k slot rows behind one prefix give exactly what k separate (copied) caches give."""
     S, prefix = 4, [11, 12, 13, 14, 15]
@@ -21,25 +28,57 @@ def test_rows_share_one_prefix_and_equal_separate_copies(tiny_model):
     shared = SlotCache(len(tiny_model.layers), 32)
     forward(tiny_model, shared, shared.append(5), prefix, list(range(5)))
     shared.commit(5)
-    got = forward(tiny_model, shared, shared.rows(3, S, 0), sum(rows, []), sum(positions, []))
+    got = forward(tiny_model, shared, shared.rows(3, S, 0), offset_major(rows), offset_major(positions))
+    got = got.reshape(S, 3, -1).transpose(1, 0, 2)  # (row, offset, vocab)
 
     for r in range(3):
         alone = SlotCache(len(tiny_model.layers), 32)
         forward(tiny_model, alone, alone.append(5), prefix, list(range(5)))
         alone.commit(5)
         want = forward(tiny_model, alone, alone.append(S), rows[r], positions[r])
-        np.testing.assert_allclose(got[r * S:(r + 1) * S], want, atol=1e-5)
+        np.testing.assert_allclose(got[r], want, atol=1e-5)
 
     # Later rounds feed only the tail of each row; the row entries before it are reused.
-    tail = forward(tiny_model, shared, shared.rows(3, S, 2), sum([r[2:] for r in rows], []),
-                   sum([p[2:] for p in positions], []))
-    np.testing.assert_allclose(tail.reshape(3, 2, -1), got.reshape(3, S, -1)[:, 2:], atol=1e-5)
+    tail = forward(tiny_model, shared, shared.rows(3, S, 2), offset_major([r[2:] for r in rows]),
+                   offset_major([p[2:] for p in positions]))
+    np.testing.assert_allclose(tail.reshape(2, 3, -1).transpose(1, 0, 2), got[:, 2:], atol=1e-5)
+
+    # Rows 0-1 kept after an EOS (row 1 cut after 3 tokens): their entries are gathered to the
+    # front, and a later token sees exactly those, each as it was made (prefix + own row).
+    shared.keep(shared.row_entries(2, S, 3)[:7])
+    after = forward(tiny_model, shared, shared.append(1), [50], [30])
+    tokens = prefix + rows[0] + rows[1][:3] + [50]
+    pos = list(range(5)) + positions[0] + positions[1][:3] + [30]
+    sees = np.zeros((13, 13), dtype=bool)
+    sees[:5, :5] = np.tril(np.ones((5, 5), dtype=bool))
+    sees[5:9, :5] = sees[9:12, :5] = True
+    sees[5:9, 5:9] = np.tril(np.ones((4, 4), dtype=bool))
+    sees[9:12, 9:12] = np.tril(np.ones((3, 3), dtype=bool))
+    sees[12] = True
+    want = tiny_model(mx.array([tokens]), mx.array([pos]), view=SimpleNamespace(mask=mx.array(sees)))
+    np.testing.assert_allclose(after, np.array(want[0, -1:]), atol=1e-5)
+
+
+@pytest.mark.parametrize("bucket", [1, 8])
+def test_padded_key_lengths_change_nothing(tiny_model, bucket):
+    """Keys padded to a bucket (what the CUDA backend gets) give the same logits: the mask hides them."""
+    def run(cache):
+        forward(tiny_model, cache, cache.append(5), [11, 12, 13, 14, 15], list(range(5)))
+        cache.commit(5)
+        a = forward(tiny_model, cache, cache.append(3), [7, 8, 9], [6, 9, 7])
+        b = forward(tiny_model, cache, cache.rows(2, 4, 1), [1, 2, 3, 4, 5, 6], [20, 24, 21, 25, 22, 26])
+        return a, b
+
+    exact, padded = run(SlotCache(len(tiny_model.layers), 29, bucket=1)), run(
+        SlotCache(len(tiny_model.layers), 29, bucket=bucket))
+    for x, y in zip(exact, padded):
+        np.testing.assert_allclose(x, y, atol=1e-5)
 
 
 def test_commit_and_crop_only_move_the_length():
     cache = SlotCache(num_layers=2, capacity=16)
     view = cache.append(5)
-    assert (view.start, view.end, view.mask) == (0, 5, "causal")
+    assert (view.start, view.end, view.mask) == (0, 5, "causal")  # no bucket on the CPU
     cache.commit(3)
     assert cache.length == 3 and cache.append(1).mask is None
     cache.crop(1)
@@ -51,19 +90,23 @@ def test_commit_and_crop_only_move_the_length():
 
 
 def test_rows_mask_sees_prefix_and_own_row_only():
-    cache = SlotCache(num_layers=1, capacity=16)
+    cache = SlotCache(num_layers=1, capacity=16, bucket=1)
     cache.commit(2)
     view = cache.rows(num_rows=2, slot_size=3, start=1)
     mask = np.array(view.mask)
-    # queries: row 0 offsets 1,2 then row 1 offsets 1,2; keys: 2 prefix + 2 rows of 3
+    # queries: offset 1 of rows 0, 1, then offset 2 of rows 0, 1
+    # keys: 2 prefix, then the rows column by column: (o0 r0) (o0 r1) (o1 r0) (o1 r1) (o2 r0) (o2 r1)
     expected = np.array([
-        [1, 1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 0],
-        [1, 1, 0, 0, 0, 1, 1, 0],
-        [1, 1, 0, 0, 0, 1, 1, 1],
+        [1, 1, 1, 0, 1, 0, 0, 0],
+        [1, 1, 0, 1, 0, 1, 0, 0],
+        [1, 1, 1, 0, 1, 0, 1, 0],
+        [1, 1, 0, 1, 0, 1, 0, 1],
     ], dtype=bool)
     np.testing.assert_array_equal(mask, expected)
-    assert np.array(view.index).tolist() == [3, 4, 6, 7]
+    assert (view.start, view.index) == (4, None)  # the tails are one contiguous run of entries
+    fewer = cache.rows(num_rows=1, slot_size=3, start=1, layout_rows=2)  # row 1 dropped after an EOS
+    assert np.array(fewer.index).tolist() == [4, 6]
+    assert np.array(cache.row_entries(2, 3, 2)).tolist() == [2, 4, 6, 3, 5, 7]
 
 
 def test_footprint_is_prefix_plus_slots_never_k_prefixes(tiny_model):
