@@ -25,12 +25,15 @@ from typing import List, Optional, Union
 import mlx.core as mx
 
 
+QUERY_BUCKET = 32  # with key buckets, masked attention also pads its queries to a multiple of this
+
+
 def key_bucket() -> int:
     """Round attention key lengths up to this multiple (1: exact lengths).
 
-    On MLX's CUDA backend cuDNN builds a new attention plan for every new key
-    length (~50 ms each at 8B), and the decoder's key length changes on every
-    call; a few fixed lengths, with the padding masked, reuse the plans. Metal and
+    On MLX's CUDA backend cuDNN builds a new attention plan for every new shape
+    (~50 ms each at 8B), and the decoder's key and query lengths change from call
+    to call; a few fixed shapes, the padding masked, reuse the plans. Metal and
     the CPU attend at any length at no extra cost, so nothing changes there.
     """
     cuda = getattr(mx, "cuda", None)
@@ -45,7 +48,7 @@ class CacheView:
     start: int  # first written entry: writes are the contiguous run start, start+1, ...
     index: Optional[mx.array]  # written entries when not contiguous (rows cut short by an EOS)
     end: int  # queries see at most entries [0, end)
-    mask: Union[None, str, mx.array]  # None, "causal", or bool (queries, width)
+    mask: Union[None, str, mx.array]  # None, "causal", or bool (queries, width); extra rows pad the queries
     width: int = 0  # keys handed to attention: end, or end rounded up to the key bucket
 
     def __post_init__(self):
@@ -105,6 +108,13 @@ class SlotCache:
     def _width(self, end: int) -> int:
         return min(-(-end // self.bucket) * self.bucket, self.capacity)
 
+    def _masked(self, start: int, end: int, visible: mx.array, width: int, index=None) -> CacheView:
+        """A view with a boolean mask; with key buckets its query rows are padded too (see key_bucket)."""
+        if self.bucket > 1 and visible.shape[0] % QUERY_BUCKET:
+            pad = QUERY_BUCKET - visible.shape[0] % QUERY_BUCKET
+            visible = mx.concatenate([visible, mx.ones((pad, width), dtype=mx.bool_)])
+        return CacheView(start, index, end, visible, width)
+
     def append(self, n: int) -> CacheView:
         """View for ``n`` tokens after the committed ones, causal in cache order."""
         start, end = self.length, self.length + n
@@ -114,7 +124,7 @@ class SlotCache:
             # One query: attend to exactly the entries so far (no mask, the fast path everywhere).
             return CacheView(start, None, end, "causal" if n > 1 else None)
         visible = mx.arange(width)[None] <= mx.arange(start, end)[:, None]
-        return CacheView(start, None, end, visible, width)
+        return self._masked(start, end, visible, width)
 
     def rows(self, num_rows: int, slot_size: int, start: int, layout_rows: Optional[int] = None) -> CacheView:
         """View for tokens ``start..slot_size-1`` of ``num_rows`` slot rows behind the prefix.
@@ -137,9 +147,9 @@ class SlotCache:
         key_row, key_offset = (key - base) % R, (key - base) // R
         mask = (key < base) | ((key < end) & (key_row == query_row) & (key_offset <= query_offset))
         if num_rows == R:
-            return CacheView(base + start * R, None, end, mask, width)
+            return self._masked(base + start * R, end, mask, width)
         index = (base + query_offset * R + query_row).reshape(-1)
-        return CacheView(base, index, end, mask, width)
+        return self._masked(base, end, mask, width, index)
 
     def row_entries(self, num_rows: int, slot_size: int, layout_rows: int) -> mx.array:
         """Cache entries of rows 0..num_rows-1, row after row (the commit order)."""

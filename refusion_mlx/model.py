@@ -139,7 +139,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.store(k, v, view)
 
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if isinstance(mask, mx.array) and mask.shape[-2] > L:
+            # More mask rows than queries: pad the queries, so attention sees a shape it has seen.
+            q = mx.pad(q, [(0, 0), (0, 0), (0, mask.shape[-2] - L), (0, 0)])
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)[:, :, :L]
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

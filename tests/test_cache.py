@@ -59,7 +59,7 @@ def test_rows_share_one_prefix_and_equal_separate_copies(tiny_model):
     np.testing.assert_allclose(after, np.array(want[0, -1:]), atol=1e-5)
 
 
-@pytest.mark.parametrize("bucket", [1, 8])
+@pytest.mark.parametrize("bucket", [1, 8, 256])
 def test_padded_key_lengths_change_nothing(tiny_model, bucket):
     """Keys padded to a bucket (what the CUDA backend gets) give the same logits: the mask hides them."""
     def run(cache):
