@@ -5,7 +5,7 @@
 
 Steps (each one the project's own public code, nothing else):
   1. ``refusion_mlx.demo.tasks``      seeded train/valid/test splits of the 7 task families
-  2. ``refusion_mlx.demo.tokenizer``  byte-level BPE on train.jsonl + a blank Qwen3 (float32)
+  2. ``examples/demo/build_tokenizer.py``  byte-level BPE on train.jsonl + a blank Qwen3 (float32)
   3. ``refusion_mlx.lora``            ``--fine-tune-type full``: every weight, hybrid AR + MDM loss
   4. ``refusion_mlx.fuse`` + ``refusion_mlx.convert``  the trained weights as a float16 folder
 Runs on any MLX device: one H100 through MLX's CUDA backend took about 28 minutes (~733M
@@ -22,10 +22,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "examples" / "demo"))  # the build-time helpers beside this script
 
 from refusion_mlx import convert, fuse, lora  # noqa: E402
-from refusion_mlx.demo import tasks, tokenizer  # noqa: E402
-from refusion_mlx.demo.card import write_card  # noqa: E402
+import build_tokenizer as tokenizer  # noqa: E402
+from card import write_card  # noqa: E402
+from refusion_mlx.demo import tasks  # noqa: E402
 from refusion_mlx.loading import DEMO_MODEL_PATH  # noqa: E402
 
 SPLIT_SIZES = {"valid": 500, "test": 500}  # the test split is generated first, so never trained on

@@ -136,7 +136,7 @@ def load_examples(data: Optional[str], limit: Optional[int], seed: int, size: in
 
 def make_cases(tokenizer, records: Sequence[dict], room: int, max_position: int) -> List[Case]:
     """Prompt ids through the chat template exactly as training builds them; too-long prompts refused."""
-    from .data import chat_prompt_ids, split_record
+    from .tuner.datasets import chat_prompt_ids, split_record
 
     cases = []
     for k, record in enumerate(records, 1):

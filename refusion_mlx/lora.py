@@ -15,7 +15,7 @@ import types
 from typing import Optional, Sequence
 
 from .errors import ArgumentParser, RefusionError
-from .trainer import OPTIMIZERS, run_test, run_training
+from .tuner.trainer import OPTIMIZERS, run_test, run_training
 
 # Upstream train.py: PEFT LoRA r=8, alpha=16, dropout 0.01 on q/k/v/o, every layer.
 LORA_DEFAULTS = {"rank": 8, "alpha": 16.0, "dropout": 0.01,
@@ -146,7 +146,7 @@ def check_args(args):
 def run(args):
     """Load model and data; train and/or test."""
     from .blas import warn_if_slow_blas
-    from .data import load_datasets
+    from .tuner.datasets import load_datasets
     from .loading import load
 
     print("Loading pretrained model", flush=True)

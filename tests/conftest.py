@@ -8,6 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+# The demo model's build-time helpers (tokenizer trainer, data card) live beside its recipe.
+sys.path.insert(0, str(ROOT / "examples" / "demo"))
 
 from checkpoints import tiny_config, write_checkpoint, write_tokenizer  # noqa: E402
 

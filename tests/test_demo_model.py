@@ -99,7 +99,7 @@ def test_cli_without_model_answers_offline(tmp_path):
 def test_data_card_from_a_trained_folder(tmp_path):
     import shutil
 
-    from refusion_mlx.demo.card import NO_RESULTS, write_card
+    from card import NO_RESULTS, write_card
 
     for name in ("config.json", "training.json", "model.safetensors"):
         shutil.copy(DEMO_MODEL_PATH / name, tmp_path / name)

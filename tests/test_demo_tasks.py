@@ -8,7 +8,7 @@ import pytest
 
 from checkpoints import tiny_config, write_checkpoint
 from refusion_mlx.demo import tasks
-from refusion_mlx.demo.tokenizer import SPECIAL_TOKENS, init_checkpoint, token_ids, train_tokenizer
+from build_tokenizer import SPECIAL_TOKENS, init_checkpoint, token_ids, train_tokenizer
 from refusion_mlx.evaluate import main as evaluate_main
 
 SMALL = {"train": 300, "valid": 20, "test": 50}
@@ -85,7 +85,7 @@ def test_splits_never_share_a_query_or_answer_and_test_ignores_the_other_sizes()
 
 
 def test_write_splits_in_the_trainers_format(tmp_path):
-    from refusion_mlx.data import split_record
+    from refusion_mlx.tuner.datasets import split_record
 
     tasks.write_splits(tmp_path, seed=1, sizes=SMALL)
     for name, size in SMALL.items():

@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 
 from refusion_mlx import load
-from refusion_mlx.data import load_datasets
+from refusion_mlx.tuner.datasets import load_datasets
 from refusion_mlx.errors import RefusionError
 from refusion_mlx.fuse import main as fuse_main
 from refusion_mlx.lora import main as lora_main
@@ -160,8 +160,8 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny_path):
 
     from refusion_mlx import load_model
     from refusion_mlx.lora import LORA_DEFAULTS
-    from refusion_mlx.trainer import checkpoint_blocks, prepare_model
-    from refusion_mlx.objective import collate, hybrid_loss, layout_example
+    from refusion_mlx.tuner.trainer import checkpoint_blocks, prepare_model
+    from refusion_mlx.tuner.objective import collate, hybrid_loss, layout_example
 
     batch = collate([layout_example(list(range(5, 12)), list(range(40, 75)), 319, random.Random(1))])
     grads = []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from refusion_mlx.objective import (
+from refusion_mlx.tuner.objective import (
     IGNORE,
     SlotPlan,
     arrange,

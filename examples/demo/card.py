@@ -4,7 +4,7 @@ import json
 import random
 from pathlib import Path
 
-from .tasks import FAMILIES, make_example
+from refusion_mlx.demo.tasks import FAMILIES, make_example
 
 CARD = """\
 # refusion_mlx demo model
@@ -67,7 +67,7 @@ def write_card(folder, results: str = NO_RESULTS) -> Path:
     config = json.loads((folder / "config.json").read_text())
     recipe = json.loads((folder / "training.json").read_text())
     size_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    from .tokenizer import parameter_count
+    from build_tokenizer import parameter_count
 
     text = CARD.format(
         parameters=f"{parameter_count(config) / 1e6:.1f}M-parameter", dtype=config.get("torch_dtype"),

@@ -1,6 +1,6 @@
 """The demo model's vocabulary and blank checkpoint: a small Qwen3 in Hugging Face layout.
 
-    python -m refusion_mlx.demo.tokenizer --data data/demo --out models/demo-init [--size small]
+    python examples/demo/build_tokenizer.py --data data/demo --out models/demo-init [--size small]
 
 ``train_tokenizer`` trains a byte-level BPE on a corpus with Qwen's pre-tokenizer
 (digits split one by one, which column arithmetic needs), Qwen's special tokens
@@ -158,7 +158,7 @@ def init_weights(config: dict, seed: int = 0) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from ..model import Model, ModelArgs
+    from refusion_mlx.model import Model, ModelArgs
 
     model = Model(ModelArgs.from_dict(config))
     key = mx.random.key(seed)
@@ -226,7 +226,7 @@ def corpus(data_folder) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m refusion_mlx.demo.tokenizer",
+    parser = argparse.ArgumentParser(prog="python examples/demo/build_tokenizer.py",
                                      description="Train the demo tokenizer and write a blank checkpoint.")
     parser.add_argument("--data", required=True, help="folder with train.jsonl (the tokenizer's corpus)")
     parser.add_argument("--out", required=True, help="model folder to write (tokenizer + config + weights)")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .errors import RefusionError
+from ..errors import RefusionError
 
 SPLITS = ("train", "valid", "test")
 FORMATS = "{'query','response'}, {'prompt','completion'} or {'messages': [...]}"

@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import RefusionError
+from ..errors import RefusionError
 
 SLOT_SIZES = (4, 8, 16, 32)
 EPS = 1e-3

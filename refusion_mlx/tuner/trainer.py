@@ -19,7 +19,7 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .errors import RefusionError
+from ..errors import RefusionError
 from .objective import collate, hybrid_loss, layout_example
 
 OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
