@@ -1,5 +1,8 @@
 """refusion_mlx: ReFusion's plan-and-infill diffusion LM on MLX."""
 
+import sys
+import types
+
 # Before anything imports mlx.core: on Linux, load an optimized BLAS for MLX's CPU backend.
 from .blas import use_fast_blas
 
@@ -8,8 +11,32 @@ use_fast_blas()
 from .autoregressive import generate_ar_ids  # noqa: E402
 from .decode import DecodeSettings, GenerationResult, generate_ids  # noqa: E402
 from .errors import RefusionError  # noqa: E402
-from .text import GenerationUpdate, generate, stream_generate  # noqa: E402
 from .loading import load, load_model  # noqa: E402
+
+# ``generate`` is both a function and the module that holds it and its command line, as in
+# mlx-lm. The module is imported on first use, not here: ``python -m refusion_mlx.generate``
+# then runs it once, cleanly. Importing the submodule makes Python set the package attribute
+# of the same name to the module; the package refuses that, so ``refusion_mlx.generate`` is
+# the function whatever was imported before.
+_FROM_GENERATE = ("generate", "stream_generate", "GenerationUpdate")
+
+
+def __getattr__(name):
+    if name in _FROM_GENERATE:
+        import importlib
+
+        return getattr(importlib.import_module(__name__ + ".generate"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        if name == "generate" and isinstance(value, types.ModuleType):
+            return  # the submodule stays in sys.modules; the attribute stays the function
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "DecodeSettings",

@@ -29,7 +29,8 @@ from mlx.utils import tree_flatten
 from .autoregressive import generate_ar_ids
 from .cache import SlotCache
 from .decode import GenerationResult, generate_ids
-from .errors import ArgumentParser, RefusionError, run_command
+from .cli import ArgumentParser, run_command
+from .errors import RefusionError
 from .presets import PRESETS
 
 # Qwen3 shapes (the 8B one is ReFusion's backbone); "small" is sized for a laptop CPU.
@@ -56,7 +57,7 @@ RANDOM_WEIGHTS_NOTE = (
 
 def random_model(shape: str, dtype: str = "bfloat16", bits: Optional[int] = None, group_size: int = 64):
     """A ReFusion model of a named shape with random weights, cast and optionally quantized."""
-    from .loading import DTYPES
+    from .utils import DTYPES
     from .model import Model, ModelArgs
 
     args = ModelArgs(model_type="qwen3", rms_norm_eps=1e-6, max_position_embeddings=40960,
@@ -240,14 +241,15 @@ def run_shape(args, out=sys.stdout):
 def run_model(args, out=sys.stdout):
     """The benchmark on a real checkpoint and prompt."""
     from .blas import blas_report, warn_if_slow_blas
-    from .generate import settings_from_args
+    from .cli import settings_from_args
     from .loading import load
-    from .text import default_eos, prompt_ids
+    from .tokenizer_utils import default_eos, prompt_ids
 
-    knobs = settings_from_args(args)
+    settings_from_args(args)  # bad flags fail before the load
     model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
     prompt = args.prompt or DEMO_PROMPT
     ids = prompt_ids(tokenizer, prompt, use_chat_template=not args.ignore_chat_template)
+    knobs = settings_from_args(args, model, len(ids))  # unset knobs: the model's own, fitted
     eos = default_eos(tokenizer)
     warn_if_slow_blas()
     print(f"model: {args.model or 'demo'}  device: {mx.default_device()}  prompt: {len(ids)} tokens", file=out)

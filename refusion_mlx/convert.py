@@ -30,9 +30,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .errors import ArgumentParser, RefusionError, run_command
+from .cli import ArgumentParser, run_command
+from .errors import RefusionError
+from .tokenizer_utils import MASK_TOKEN, mask_token_in_files
+from .utils import DTYPES, atomic_folder
 
-DTYPE_CHOICES = ("float16", "bfloat16", "float32")
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64
@@ -49,7 +51,6 @@ TOKENIZER_FILES = (
     "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
     "tokenizer.model",
 )
-MASK_TOKEN = "<|mask|>"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-path", "--model", required=True, help="local HF/MLX folder or Hugging Face repo id")
     p.add_argument("--mlx-path", default="mlx_model", help="folder to write")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="cast floating weights (default: keep the source's)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="cast floating weights (default: keep the source's)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights (affine)")
     p.add_argument("--q-bits", type=int, choices=Q_BITS, help=f"bits per weight (default {DEFAULT_BITS})")
     p.add_argument("--q-group-size", type=int, choices=Q_GROUP_SIZES,
@@ -188,31 +189,11 @@ def load_lazy(path: Path):
     return model
 
 
-def mask_token_from_tokenizer(path: Path) -> Optional[int]:
-    """The id of ``<|mask|>`` in the source's tokenizer files, read as JSON (nothing is run)."""
-    def read(name):
-        try:
-            return json.loads((path / name).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    tok = read("tokenizer.json")
-    for entry in tok.get("added_tokens", []):
-        if entry.get("content") == MASK_TOKEN:
-            return entry["id"]
-    vocab = tok.get("model", {}).get("vocab")
-    if isinstance(vocab, dict) and MASK_TOKEN in vocab:
-        return vocab[MASK_TOKEN]
-    decoder = read("tokenizer_config.json").get("added_tokens_decoder", {})
-    ids = [int(i) for i, entry in decoder.items() if entry.get("content") == MASK_TOKEN]
-    return ids[0] if ids else read("added_tokens.json").get(MASK_TOKEN)
-
-
 def output_config(config: dict, source: Path, dtype: Optional[str]) -> dict:
     """The config to write: mask_token_id kept, seen as qwen3 by mlx-lm, no pointers to code."""
     config = dict(config)
     if config.get("mask_token_id") is None:
-        config["mask_token_id"] = mask_token_from_tokenizer(source)
+        config["mask_token_id"] = mask_token_in_files(source)
         if config["mask_token_id"] is None:
             del config["mask_token_id"]
             print(f"warning: no mask_token_id in config.json and no {MASK_TOKEN} in the tokenizer; "
@@ -361,20 +342,11 @@ def write_model_card(folder: Path, name: str, base_model: Optional[str], weights
 
 
 def write_atomically(target: Path, write: Callable[[Path], None]):
-    """Run ``write`` into a temporary folder beside ``target``, then rename; never leave half a model."""
-    from .fuse import replace_folder
-
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    """Write the folder with ``utils.atomic_folder``; an OS failure is one clear line."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        write(tmp)
-        replace_folder(tmp, target)
+        atomic_folder(target, write)
     except (OSError, RuntimeError) as e:  # full disk, unreadable shard, permissions
         raise RefusionError(f"cannot write {target}: {one_line(e)}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def upload(folder: Path, repo: str):

@@ -12,66 +12,95 @@ One iteration over the pending slots of the current block:
 * ``commit``  keep tokens, positions and the KV entries already in the cache.
 
 ``generate_step`` yields a ``Commit`` after each iteration; ``generate_ids``
-collects them into a ``GenerationResult``. See ``shared/plan-and-infill.md``
-for the reference semantics; one upstream defect (text dropped when EOS is
-found while infilling) is fixed here.
+collects them into a ``GenerationResult``. docs/decoding.md describes the
+semantics, and the one upstream defect fixed here (text dropped when EOS is
+found while infilling).
 """
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
+from .blas import warn_if_slow_blas
 from .cache import CacheView, SlotCache
 from .errors import RefusionError
 from .sampling import draft_tokens, next_token_probability, probability_of
+from .tokenizer_utils import resolve_mask_id
 
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """The upstream knobs; see the README for what each trades."""
+    """The upstream knobs, and the library's defaults for them: upstream ``generate.py``'s example.
 
-    gen_length: int = 128
-    slot_size: int = 8
-    serial_num_blocks: int = 2
-    slot_threshold: float = 0.9
-    token_threshold: float = 0.9
+    This is the one table of defaults. A model may bring its own (``generation_config.json``,
+    read by ``load``) and a preset its slot and threshold settings; ``settings_for`` layers
+    them. See docs/decoding.md for what each knob trades.
+    """
+
+    gen_length: int = 512
+    slot_size: int = 4
+    serial_num_blocks: int = 32
+    slot_threshold: float = 0.6
+    token_threshold: float = 0.3
     temperature: float = 0.0
     seed: Optional[int] = None
 
     @property
     def padded_length(self) -> int:
-        """gen_length rounded up to whole slots, as upstream does."""
-        return -(-self.gen_length // self.slot_size) * self.slot_size
+        """gen_length rounded up to whole slots in every block; only gen_length tokens are returned."""
+        unit = self.slot_size * self.serial_num_blocks
+        return -(-self.gen_length // unit) * unit
 
     @property
     def block_length(self) -> int:
         return self.padded_length // self.serial_num_blocks
 
     def validate(self):
-        """Raise RefusionError for knobs upstream would crash on or silently misuse."""
-        if self.slot_size <= 0:
-            raise RefusionError(f"slot_size must be positive, got {self.slot_size}")
-        if self.gen_length <= 0:
-            raise RefusionError(f"gen_length must be positive, got {self.gen_length}")
-        if self.serial_num_blocks <= 0:
-            raise RefusionError(f"serial_num_blocks must be positive, got {self.serial_num_blocks}")
-        unit = self.serial_num_blocks * self.slot_size
-        if self.padded_length % unit:
-            fit = -(-self.padded_length // unit) * unit
-            raise RefusionError(
-                f"gen_length {self.gen_length} does not fit {self.serial_num_blocks} blocks of "
-                f"whole {self.slot_size}-token slots (needs a multiple of {unit}; try {fit})"
-            )
+        """Raise RefusionError (naming the argument) for knobs that cannot work."""
+        for name in ("gen_length", "slot_size", "serial_num_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise RefusionError(f"{name} must be a positive integer, got {value!r}")
         for name in ("slot_threshold", "token_threshold"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise RefusionError(f"{name} must be in [0, 1], got {value}")
         if self.temperature < 0:
             raise RefusionError(f"temperature must be >= 0, got {self.temperature}")
+
+
+KNOBS = ("gen_length", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold")
+
+
+def settings_for(model=None, prompt_length: int = 0, *, preset: Optional[str] = None,
+                 **knobs) -> DecodeSettings:
+    """The settings for one request: the given knobs, then ``preset``'s, then the model's own
+    (``model.generation_defaults``), then ``DecodeSettings``'s.
+
+    A gen_length nobody gave explicitly is fitted to the model: at most the positions left
+    after a prompt of ``prompt_length`` tokens. Knobs given as None count as not given.
+    """
+    from .presets import PRESETS
+
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    unknown = sorted(set(knobs) - set(DecodeSettings.__dataclass_fields__))
+    if unknown:
+        raise RefusionError(f"unknown decoding argument {unknown[0]!r}")
+    if preset is not None and preset not in PRESETS:
+        raise RefusionError(f"unknown preset {preset!r} (choose from {', '.join(sorted(PRESETS))})")
+    own = dict(getattr(model, "generation_defaults", None) or {}) if model is not None else {}
+    layered = {**own, **(PRESETS[preset] if preset else {}), **knobs}
+    settings = DecodeSettings(**{k: v for k, v in layered.items() if k in DecodeSettings.__dataclass_fields__})
+    if model is not None and "gen_length" not in knobs:
+        room = model.args.max_position_embeddings - prompt_length
+        if 0 < room < settings.gen_length:
+            settings = replace(settings, gen_length=room)
+    settings.validate()
+    return settings
 
 
 @dataclass
@@ -94,6 +123,7 @@ class DecodeState:
     uncached: List[int]  # prompt tokens not yet in the cache (fed with the first plan)
     mask_id: int
     eos_ids: frozenset
+    gen_length: Optional[int] = None  # tokens asked for; positions past it are padding, never returned
     key: Optional[mx.array] = None
     finished: bool = False  # an EOS was committed: stop after the current block
     model_calls: int = 0
@@ -328,20 +358,6 @@ def resolve_eos(eos_token_id: Union[None, int, Iterable[int]], model) -> frozens
     return frozenset(int(e) for e in eos_token_id)
 
 
-def resolve_mask_id(mask_id: Optional[int], model) -> int:
-    """The mask token id: the argument, else the model config's ``mask_token_id``."""
-    if mask_id is None:
-        mask_id = getattr(model.args, "mask_token_id", None)
-    if mask_id is None:
-        raise RefusionError(
-            "no mask token: the config has no mask_token_id and no <|mask|> token was found; "
-            "pass mask_id explicitly"
-        )
-    if not 0 <= mask_id < model.args.vocab_size:
-        raise RefusionError(f"mask_id {mask_id} is outside the vocabulary (size {model.args.vocab_size})")
-    return int(mask_id)
-
-
 def start_state(model, prompt_ids: Sequence[int], settings: DecodeSettings,
                 mask_id: Optional[int], eos_token_id) -> DecodeState:
     """Validate the request and set up the cache and counters for one generation."""
@@ -349,12 +365,12 @@ def start_state(model, prompt_ids: Sequence[int], settings: DecodeSettings,
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
         raise RefusionError("the prompt is empty")
-    total = len(prompt_ids) + settings.padded_length
     limit = model.args.max_position_embeddings
-    if total > limit:
+    if len(prompt_ids) + settings.gen_length > limit:
         raise RefusionError(
-            f"prompt ({len(prompt_ids)} tokens) + generation ({settings.padded_length}) = {total} "
-            f"exceeds the model's max_position_embeddings ({limit})"
+            f"prompt ({len(prompt_ids)} tokens) + gen_length ({settings.gen_length}) = "
+            f"{len(prompt_ids) + settings.gen_length} exceeds the model's max_position_embeddings "
+            f"({limit}); at most {max(limit - len(prompt_ids), 0)} tokens fit after this prompt"
         )
     if min(prompt_ids) < 0 or max(prompt_ids) >= model.args.vocab_size:
         raise RefusionError(f"prompt token ids must be in [0, {model.args.vocab_size})")
@@ -362,12 +378,15 @@ def start_state(model, prompt_ids: Sequence[int], settings: DecodeSettings,
     if settings.temperature > 0:
         seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")
         key = mx.random.key(seed)
+    # The padding that makes whole slots and blocks may run past max_position_embeddings: RoPE
+    # is computed for any position, and nothing placed there is returned (docs/decoding.md).
     return DecodeState(
-        cache=SlotCache(len(model.layers), total),
+        cache=SlotCache(len(model.layers), len(prompt_ids) + settings.padded_length),
         prompt_length=len(prompt_ids),
         uncached=prompt_ids,
         mask_id=resolve_mask_id(mask_id, model),
         eos_ids=resolve_eos(eos_token_id, model),
+        gen_length=settings.gen_length,
         key=key,
     )
 
@@ -407,9 +426,10 @@ class GenerationResult:
         return len(self.tokens) / self.model_calls if self.model_calls else 0.0
 
 
-def in_position_order(commits: Sequence[Commit], eos_ids) -> List[int]:
-    """The committed tokens sorted by position, cut after the first EOS."""
-    placed = sorted((p, t) for c in commits for p, t in zip(c.positions, c.tokens))
+def in_position_order(commits: Sequence[Commit], eos_ids, limit: Optional[int] = None) -> List[int]:
+    """The committed tokens sorted by position, without padding past ``limit``, cut after the first EOS."""
+    placed = sorted((p, t) for c in commits for p, t in zip(c.positions, c.tokens)
+                    if limit is None or p < limit)
     tokens = [t for _, t in placed]
     for i, t in enumerate(tokens):
         if t in eos_ids:
@@ -420,7 +440,7 @@ def in_position_order(commits: Sequence[Commit], eos_ids) -> List[int]:
 def summarize(commits: Sequence[Commit], state: DecodeState, wall_time: float) -> GenerationResult:
     """Collect one generation's commits and counters into a result."""
     return GenerationResult(
-        tokens=in_position_order(commits, state.eos_ids),
+        tokens=in_position_order(commits, state.eos_ids, state.gen_length),
         tpf=sum(c.tpf for c in commits) / max(len(commits), 1),
         model_calls=state.model_calls,
         tokens_fed=state.tokens_fed,
@@ -435,20 +455,47 @@ def generate_ids(
     model,
     prompt_ids: Sequence[int],
     *,
-    gen_length: int = 128,
-    slot_size: int = 8,
-    serial_num_blocks: int = 2,
-    slot_threshold: float = 0.9,
-    token_threshold: float = 0.9,
+    gen_length: Optional[int] = None,
+    slot_size: Optional[int] = None,
+    serial_num_blocks: Optional[int] = None,
+    slot_threshold: Optional[float] = None,
+    token_threshold: Optional[float] = None,
     temperature: float = 0.0,
     seed: Optional[int] = None,
     mask_id: Optional[int] = None,
     eos_token_id: Union[None, int, Iterable[int]] = None,
+    preset: Optional[str] = None,
 ) -> GenerationResult:
-    """Plan-and-infill generation from token ids; see ``DecodeSettings`` for the knobs."""
-    settings = DecodeSettings(gen_length, slot_size, serial_num_blocks, slot_threshold,
-                              token_threshold, temperature, seed)
+    """Plan-and-infill generation from token ids (docs/decoding.md describes the algorithm).
+
+    Knobs left as None take the preset's value, then the model's own (its
+    ``generation_config.json``), then ``DecodeSettings``'s.
+
+    Args:
+        model: a model from ``load`` or ``load_model``.
+        prompt_ids: the prompt's token ids (``tokenizer_utils.prompt_ids`` builds them from text).
+        gen_length: most tokens to generate; padded internally to whole slots in every block,
+            at most ``gen_length`` are returned. Default: the model's, fitted to its positions.
+        slot_size: tokens per slot, the unit the decoder drafts, verifies and commits.
+        serial_num_blocks: blocks decoded one after another; slots are picked within a block.
+        slot_threshold: first-token probability a slot's draft needs to be picked (else the most
+            confident slot is).
+        token_threshold: left-to-right probability a drafted token needs to be accepted.
+        temperature: 0 for greedy drafts, above 0 for Gumbel-max sampling.
+        seed: seed for sampling (temperature > 0); None draws one.
+        mask_id: the mask token; default the config's ``mask_token_id``.
+        eos_token_id: an id or ids that end the generation; default the config's.
+        preset: a name from ``presets.PRESETS`` (the paper's per-benchmark settings).
+
+    Returns:
+        A ``GenerationResult``: the tokens in position order, up to and including the first
+        EOS, and what they cost (model calls, tokens fed, TPF, time, peak memory).
+    """
+    settings = settings_for(model, len(prompt_ids), preset=preset, gen_length=gen_length, slot_size=slot_size,
+                            serial_num_blocks=serial_num_blocks, slot_threshold=slot_threshold,
+                            token_threshold=token_threshold, temperature=temperature, seed=seed)
     state = start_state(model, prompt_ids, settings, mask_id, eos_token_id)
+    warn_if_slow_blas()  # once per process, and only for a request that proved good
     mx.reset_peak_memory()
     tic = time.perf_counter()
     commits = list(generate_step(model, state, settings))

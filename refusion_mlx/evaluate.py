@@ -7,7 +7,7 @@ Without ``--data`` the demo test split is regenerated from its seed
 (``refusion_mlx.demo.tasks``). Decoding is greedy; every decoder is warmed up
 before anything is timed; tokens/s is all generated tokens over all decoding
 time. A setting is ``s=SLOT,b=BLOCKS,st=SLOT_THRESHOLD,tt=TOKEN_THRESHOLD``
-(long names work too; omitted keys keep the defaults s=8,b=2,st=0.9,tt=0.9).
+(long names work too; omitted keys take the model's defaults, as ``generate_ids`` does).
 """
 
 import argparse
@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from .errors import ArgumentParser, RefusionError, run_command
+from .cli import ArgumentParser, add_model_flags, run_command
+from .errors import RefusionError
 from .plot import plot, plot_backend
 
 DEFAULT_SETTINGS = (
@@ -32,7 +33,6 @@ KEYS = {"s": "slot_size", "slot": "slot_size", "slot_size": "slot_size",
         "b": "serial_num_blocks", "blocks": "serial_num_blocks", "serial_num_blocks": "serial_num_blocks",
         "st": "slot_threshold", "slot_threshold": "slot_threshold",
         "tt": "token_threshold", "token_threshold": "token_threshold"}
-SETTING_DEFAULTS = dict(slot_size=8, serial_num_blocks=2, slot_threshold=0.9, token_threshold=0.9)
 AR_NAME = "left-to-right"
 
 
@@ -76,11 +76,11 @@ class Score:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def parse_setting(text: str, gen_length: int) -> dict:
-    """Knobs from ``s=8,b=2,st=0.9,tt=0.5``; checked as the decoder would."""
-    from .decode import DecodeSettings
+def parse_setting(text: str, gen_length: Optional[int]) -> dict:
+    """The knobs ``s=8,b=2,st=0.9,tt=0.5`` sets (the others come from the model); checked now."""
+    from .decode import settings_for
 
-    knobs = dict(SETTING_DEFAULTS)
+    knobs = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
         if not sep or key.strip() not in KEYS:
@@ -91,9 +91,9 @@ def parse_setting(text: str, gen_length: int) -> dict:
         except ValueError:
             raise RefusionError(f"bad setting {text!r}: {part} is not a number") from None
     try:
-        DecodeSettings(gen_length=gen_length, **knobs).validate()
+        settings_for(None, gen_length=gen_length, **knobs)
     except RefusionError as e:
-        raise RefusionError(f"setting {text!r} with --max-tokens {gen_length}: {e}") from None
+        raise RefusionError(f"setting {text!r}: {e}") from None
     return knobs
 
 
@@ -105,18 +105,15 @@ def setting_name(knobs: dict) -> str:
 
 def read_examples(data: str, limit: Optional[int]) -> List[dict]:
     """Records of FOLDER/test.jsonl (or of a .jsonl file), the first ``limit`` of them."""
+    from .utils import read_jsonl
+
     path = Path(data).expanduser()
     path = path / "test.jsonl" if path.is_dir() else path
     if not path.is_file():
         raise RefusionError(f"no test split at {path} (expected a folder with test.jsonl or a .jsonl file)")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise RefusionError(f"{path.name} line {number}: not valid JSON ({e.msg})") from None
+    for _, record in read_jsonl(path):
+        records.append(record)
         if limit is not None and len(records) == limit:
             break
     if not records:
@@ -135,16 +132,14 @@ def load_examples(data: Optional[str], limit: Optional[int], seed: int, size: in
 
 
 def make_cases(tokenizer, records: Sequence[dict], room: int, max_position: int) -> List[Case]:
-    """Prompt ids through the chat template exactly as training builds them; too-long prompts refused."""
-    from .tuner.datasets import chat_prompt_ids, split_record
+    """Prompt ids built exactly as training builds them; too-long prompts refused."""
+    from .tokenizer_utils import prompt_ids
+    from .tuner.datasets import split_record
 
     cases = []
     for k, record in enumerate(records, 1):
         messages, response = split_record(record, f"example {k}")
-        if getattr(tokenizer, "chat_template", None):
-            ids = chat_prompt_ids(tokenizer, messages)
-        else:
-            ids = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
+        ids = prompt_ids(tokenizer, messages)
         if len(ids) + room > max_position:
             raise RefusionError(
                 f"example {k}: prompt ({len(ids)} tokens) + generation ({room}) exceeds the model's "
@@ -172,13 +167,15 @@ def evaluate(model, tokenizer, cases: Sequence[Case], settings: Sequence[dict], 
     """Left-to-right first, then each plan-and-infill setting, all greedy on the same cases."""
     from .autoregressive import generate_ar_ids
     from .decode import generate_ids
-    from .text import default_eos
+    from .decode import settings_for
+    from .tokenizer_utils import default_eos
 
     eos = default_eos(tokenizer)
     mask_id = model.args.mask_token_id
     decoders = [(AR_NAME, lambda ids: generate_ar_ids(model, ids, max_tokens=gen_length, eos_token_id=eos))]
     for knobs in settings:
-        decoders.append((setting_name(knobs), lambda ids, k=knobs: generate_ids(
+        full = vars(settings_for(model, gen_length=gen_length, **knobs))
+        decoders.append((setting_name(full), lambda ids, k=knobs: generate_ids(
             model, ids, gen_length=gen_length, mask_id=mask_id, eos_token_id=eos, **k)))
     scores = []
     for name, decode in decoders:
@@ -219,10 +216,7 @@ def format_families(scores: Sequence[Score]) -> Optional[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m refusion_mlx.evaluate", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo",
-                        help="local folder, Hugging Face repo id or 'demo' (the packaged model; default)")
-    parser.add_argument("--adapter-path", help="folder with fine-tuned adapters")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="cast the weights")
+    add_model_flags(parser)
     parser.add_argument("--data", help="folder with test.jsonl (or a .jsonl file); default: the demo "
                         "test split regenerated from --seed")
     parser.add_argument("--seed", type=int, help="demo split seed (default: the demo's)")
@@ -231,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settings", nargs="+", metavar="SETTING",
                         help="plan-and-infill settings, e.g. s=8,b=2,st=0.9,tt=0.5 "
                              f"(default: {' '.join(DEFAULT_SETTINGS)})")
-    parser.add_argument("--max-tokens", type=int, default=256,
-                        help="generation length for every decoder (default 256)")
+    parser.add_argument("--max-tokens", type=int,
+                        help="most tokens for every decoder (default: the model's own; 256 for the demo)")
     parser.add_argument("--plot", help=f"write the speed-vs-accuracy figure here as PNG "
                                        f"(drawn with: {plot_backend()})")
     return parser
@@ -244,7 +238,7 @@ def check_args(args):
         raise RefusionError(f"--limit must be at least 1, got {args.limit}")
     if args.test_size < 1:
         raise RefusionError(f"--test-size must be at least 1, got {args.test_size}")
-    if args.max_tokens < 1:
+    if args.max_tokens is not None and args.max_tokens < 1:
         raise RefusionError(f"--max-tokens must be positive, got {args.max_tokens}")
     if args.plot is not None and not Path(args.plot).expanduser().resolve().parent.is_dir():
         raise RefusionError(f"--plot: no folder {Path(args.plot).parent}")
@@ -255,6 +249,7 @@ def run(args) -> int:
     import mlx.core as mx
 
     from .blas import warn_if_slow_blas
+    from .decode import settings_for
     from .demo.tasks import DEMO_SEED
     from .loading import load
 
@@ -263,13 +258,14 @@ def run(args) -> int:
     seed = DEMO_SEED if args.seed is None else args.seed
     records = load_examples(args.data, args.limit, seed, args.test_size)
     model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
-    room = max([args.max_tokens] + [-(-args.max_tokens // k["slot_size"]) * k["slot_size"] for k in settings])
-    cases = make_cases(tokenizer, records, room, model.args.max_position_embeddings)
+    cases = make_cases(tokenizer, records, args.max_tokens or 0, model.args.max_position_embeddings)
+    # Without --max-tokens: the model's own length, fitted to the longest prompt.
+    gen_length = args.max_tokens or settings_for(model, max(len(c.prompt) for c in cases)).gen_length
     warn_if_slow_blas()  # here, once the input has proved good: bad input stays one line
     source = args.data or f"demo test split (seed {seed})"
-    print(f"model: {args.model}  device: {mx.default_device()}  data: {source}, {len(cases)} examples  "
-          f"max tokens: {args.max_tokens}  greedy", flush=True)
-    scores = evaluate(model, tokenizer, cases, settings, args.max_tokens)
+    print(f"model: {args.model or 'demo'}  device: {mx.default_device()}  data: {source}, {len(cases)} "
+          f"examples  max tokens: {gen_length}  greedy", flush=True)
+    scores = evaluate(model, tokenizer, cases, settings, gen_length)
     print(format_table(scores))
     families = format_families(scores)
     if families:

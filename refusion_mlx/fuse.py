@@ -9,7 +9,6 @@ under a temporary name and renamed into place, so a crash never leaves half a mo
 """
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,7 +16,9 @@ from typing import Optional, Sequence
 
 from mlx.utils import tree_unflatten
 
-from .errors import ArgumentParser, RefusionError, run_command
+from .cli import ArgumentParser, run_command
+from .errors import RefusionError
+from .utils import atomic_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,17 +63,6 @@ def write_model(folder: Path, model, tokenizer, config: dict, source: Path):
         shutil.copy(source / "generation_config.json", folder)
 
 
-def replace_folder(tmp: Path, target: Path):
-    """Move ``tmp`` to ``target``; a model folder already there is swapped out once ``tmp`` is whole."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old)
-
-
 def check_save_path(target: Path, model_path: Path):
     """Refuse to overwrite the base model or a folder that is not a model."""
     if target.exists():
@@ -96,14 +86,7 @@ def fuse(model_path: str, adapter_path: str, save_path: str, dequantize: bool = 
     if dequantize:
         model = dequantize_model(model)
     config = fused_config(source, dequantize)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write_model(tmp, model, tokenizer, config, source)
-        replace_folder(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    atomic_folder(target, lambda folder: write_model(folder, model, tokenizer, config, source))
     return target
 
 

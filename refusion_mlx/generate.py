@@ -1,83 +1,169 @@
-"""The command line: ``python -m refusion_mlx.generate [--model PATH_OR_REPO] --prompt "..."``.
+"""Text in, text out: ``generate`` and ``stream_generate``, and the command line around them.
 
-Without ``--model`` (or with ``--model demo``) it runs the small demo model that ships
-inside the package, offline, with knobs suited to it; ``--model GSAI-ML/ReFusion`` is
-the real 8B model.
+    python -m refusion_mlx.generate [--model PATH_OR_REPO] --prompt "..."
+
+As in mlx-lm's ``generate.py``: the library functions wrap the decoder's generator
+(``decode.generate_step``) and ``main()`` is a thin command line over them. Without
+``--model`` (or with ``--model demo``) the small demo model shipped in the package runs,
+offline; ``--model GSAI-ML/ReFusion`` is the real 8B model.
 """
 
-import argparse
 import sys
-from typing import Optional, Sequence
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
-from .decode import DecodeSettings
-from .presets import DEFAULTS, DEMO_DEFAULTS, PRESET_GEN_LENGTH, PRESETS
-from .errors import ArgumentParser, run_command
+import mlx.core as mx
+
+from .blas import warn_if_slow_blas
+from .cli import (ArgumentParser, add_decode_flags, add_model_flags, add_prompt_flags, read_prompt,
+                  run_command, settings_from_args)
+from .decode import GenerationResult, generate_step, settings_for, start_state, summarize
+from .tokenizer_utils import default_eos, prompt_ids
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m refusion_mlx.generate",
-        description="Generate text with ReFusion's plan-and-infill decoder.",
-    )
-    parser.add_argument("--model", help="local folder or Hugging Face repo id (e.g. GSAI-ML/ReFusion); "
-                        "default: the packaged demo model, offline")
-    parser.add_argument("--adapter-path", help="folder with fine-tuned adapters")
-    parser.add_argument("--prompt", "-p", required=True, help="the prompt; '-' reads it from stdin")
-    parser.add_argument("--system-prompt", help="system message for the chat template")
-    parser.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as is")
-    parser.add_argument("--no-thinking", action="store_true",
-                        help="chat template with thinking off (upstream evaluates with it on)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings for a benchmark")
-    parser.add_argument("--max-tokens", "-m", type=int, help="generation length (padded to whole slots)")
-    parser.add_argument("--slot-size", type=int, help="tokens per slot")
-    parser.add_argument("--blocks", type=int, help="serial blocks the generation is cut into")
-    parser.add_argument("--slot-threshold", type=float, help="first-token confidence to pick a slot")
-    parser.add_argument("--token-threshold", type=float, help="probability to accept a drafted token")
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    parser.add_argument("--seed", type=int, help="random seed for sampling")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="cast the weights")
+@dataclass
+class GenerationUpdate:
+    """One commit seen as text."""
+
+    text: str  # every filled position so far, in position order (holes skipped), up to EOS
+    prefix_text: str  # the gap-free start of the output: final, safe to print as a stream
+    filled: List[int]  # positions (0-based, in the generation) filled by this commit
+    finished: bool = False
+    result: Optional[GenerationResult] = field(default=None, repr=False)  # set on the last update
+
+
+def _texts(tokenizer, placed: Dict[int, int], eos_ids, limit: int) -> tuple:
+    """(all filled text, gap-free prefix text), both cut before the first EOS and at ``limit``."""
+    ordered, prefix, contiguous = [], [], True
+    for expected, position in enumerate(sorted(p for p in placed if p < limit)):
+        token = placed[position]
+        if token in eos_ids:
+            break
+        ordered.append(token)
+        contiguous = contiguous and position == expected
+        if contiguous:
+            prefix.append(token)
+    # Special tokens (chat markers) are not text; upstream decodes with skip_special_tokens too.
+    return (tokenizer.decode(ordered, skip_special_tokens=True),
+            tokenizer.decode(prefix, skip_special_tokens=True))
+
+
+def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int], List[dict]], *,
+                    system_prompt: Optional[str] = None, use_chat_template: bool = True,
+                    enable_thinking: bool = True, **knobs) -> Iterator[GenerationUpdate]:
+    """Yield a ``GenerationUpdate`` each time slots are committed; the last one carries the result.
+
+    Slots are committed out of order, so ``prefix_text`` (the start with no holes) is what
+    can be printed as it grows; ``text`` shows every filled position.
+
+    Args:
+        model, tokenizer: from ``load``.
+        prompt: text (one user turn), a list of chat messages, or token ids (used as given).
+        system_prompt: a system message put before the prompt.
+        use_chat_template: format the prompt with the tokenizer's chat template (as upstream).
+        enable_thinking: the template's thinking switch (on, as upstream evaluates).
+        **knobs: ``generate_ids``'s: gen_length, slot_size, serial_num_blocks, slot_threshold,
+            token_threshold, temperature, seed, mask_id, eos_token_id, preset. Unset ones
+            come from the preset, then the model's own defaults, then the library's.
+    """
+    ids = prompt_ids(tokenizer, prompt, system_prompt, use_chat_template, enable_thinking)
+    mask_id = knobs.pop("mask_id", None)
+    eos = knobs.pop("eos_token_id", None)
+    settings = settings_for(model, len(ids), **knobs)
+    state = start_state(model, ids, settings, mask_id, eos if eos is not None else default_eos(tokenizer))
+    warn_if_slow_blas()  # once per process, and only for a request that proved good
+    placed: Dict[int, int] = {}
+    commits = []
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    for commit in generate_step(model, state, settings):
+        commits.append(commit)
+        placed.update(zip(commit.positions, commit.tokens))
+        text, prefix = _texts(tokenizer, placed, state.eos_ids, settings.gen_length)
+        yield GenerationUpdate(text, prefix, [p for p in commit.positions if p < settings.gen_length])
+    result = summarize(commits, state, time.perf_counter() - tic)
+    text, prefix = _texts(tokenizer, placed, state.eos_ids, settings.gen_length)
+    yield GenerationUpdate(text, prefix, [], finished=True, result=result)
+
+
+def generate(model, tokenizer, prompt: Union[str, Sequence[int], List[dict]], verbose: bool = False,
+             **kwargs) -> str:
+    """Generate text with plan-and-infill.
+
+    Args:
+        model, tokenizer: from ``load``.
+        prompt: text (one user turn), a list of chat messages, or token ids.
+        verbose: print the text and the statistics (TPF, model calls, tokens/s, memory).
+        **kwargs: ``stream_generate``'s (prompt formatting and ``generate_ids``'s knobs).
+
+    Returns:
+        The generated text, up to the first EOS, special tokens skipped.
+    """
+    update = None
+    for update in stream_generate(model, tokenizer, prompt, **kwargs):
+        pass
+    if verbose:
+        print(update.text)
+        print(format_stats(update.result))
+    return update.text
+
+
+def format_stats(result: GenerationResult) -> str:
+    """The statistics block printed by --verbose."""
+    iterations = f"{result.iterations} iteration{'' if result.iterations == 1 else 's'}"
+    return "\n".join([
+        "==========",
+        f"Generated: {len(result.tokens)} tokens in {result.wall_time:.3f} s, "
+        f"{result.tokens_per_second:.2f} tokens/s",
+        f"TPF (upstream's definition): {result.tpf:.2f}",
+        f"Model calls: {result.model_calls} ({result.tokens_per_call:.2f} tokens per call, "
+        f"{iterations}, {result.tokens_fed} tokens fed)",
+        f"Peak memory: {result.peak_memory:.3f} GB",
+    ])
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m refusion_mlx.generate",
+                            description="Generate text with ReFusion's plan-and-infill decoder.")
+    add_model_flags(parser)
+    add_prompt_flags(parser)
+    add_decode_flags(parser)
     parser.add_argument("--verbose", action="store_true", help="print TPF, model calls, tokens/s, memory")
     return parser
 
 
-def settings_from_args(args) -> dict:
-    """Knobs from the CLI: defaults (the demo model's own for it), then the preset, then explicit flags."""
-    from .loading import is_demo
-
-    knobs = dict(DEMO_DEFAULTS if is_demo(args.model) else DEFAULTS)
-    if args.preset:
-        knobs.update(PRESETS[args.preset], gen_length=PRESET_GEN_LENGTH)
-    explicit = {
-        "gen_length": args.max_tokens,
-        "slot_size": args.slot_size,
-        "serial_num_blocks": args.blocks,
-        "slot_threshold": args.slot_threshold,
-        "token_threshold": args.token_threshold,
-    }
-    knobs.update({k: v for k, v in explicit.items() if v is not None})
-    knobs.update(temperature=args.temp, seed=args.seed)
-    DecodeSettings(**knobs).validate()
-    return knobs
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_command(run, build_parser().parse_args(argv))
+def off_format_warning(model, args) -> Optional[str]:
+    """A warning when the prompt is formatted in a way the model was never trained on, else None."""
+    if not getattr(model, "prompt_formats", None):
+        return None
+    asked = [flag for flag, on in (("--system-prompt", args.system_prompt), ("--no-thinking", args.no_thinking),
+                                   ("--ignore-chat-template", args.ignore_chat_template)) if on]
+    if not asked:
+        return None
+    return (f"warning: this model was trained only on prompts formatted as: {model.prompt_formats}; "
+            f"with {', '.join(asked)} its output may be nonsense")
 
 
 def run(args) -> int:
-    from .blas import blas_report, warn_if_slow_blas
+    from .blas import blas_report
     from .loading import load
-    from .text import format_stats, stream_generate
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    knobs = settings_from_args(args)
+    prompt = read_prompt(args.prompt)
+    settings_from_args(args)  # bad flags fail here, before a long load
     model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
+    warning = off_format_warning(model, args)
+    if warning:
+        print(warning, file=sys.stderr)
     printed = ""
     update = None
     for update in stream_generate(model, tokenizer, prompt, system_prompt=args.system_prompt,
                                   use_chat_template=not args.ignore_chat_template,
-                                  enable_thinking=not args.no_thinking, **knobs):
-        warn_if_slow_blas()  # here, once the input has proved good: bad input stays one line
+                                  enable_thinking=not args.no_thinking, preset=args.preset,
+                                  gen_length=args.max_tokens, slot_size=args.slot_size,
+                                  serial_num_blocks=args.blocks, slot_threshold=args.slot_threshold,
+                                  token_threshold=args.token_threshold, temperature=args.temp,
+                                  seed=args.seed):
         # Slots land out of order: stream only the start of the text that has no holes left
         # (and no half-decoded character).
         stable = update.prefix_text.rstrip("\ufffd")
@@ -89,6 +175,10 @@ def run(args) -> int:
         print(format_stats(update.result))
         print(blas_report())
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_command(run, build_parser().parse_args(argv), decode_flags=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ folder into one clear line.
 
 import json
 from pathlib import Path
+from types import MappingProxyType
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
@@ -16,12 +17,12 @@ from mlx.utils import tree_map
 
 from .errors import RefusionError
 from .model import Model, ModelArgs
+from .tokenizer_utils import MASK_TOKEN, mask_token_in_files
+from .utils import DTYPES
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "refusion")
-MASK_TOKEN = "<|mask|>"
 # What a hub download may fetch: configs, safetensors, tokenizer files. No code, no pickles.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt", "*.md"]
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 # The small model trained by examples/train_demo.py, shipped inside the package: the offline default.
 DEMO_MODEL_NAME = "demo"
 DEMO_MODEL_PATH = Path(__file__).resolve().parent / "demo" / "model"
@@ -130,6 +131,7 @@ def load_model(path: Union[str, Path], dtype: Optional[str] = None) -> Model:
         raise RefusionError(f"cannot load weights from {path}: {first}") from None
     if dtype is not None:
         cast_floating(model, dtype)
+    attach_generation_config(model, path)
     try:
         mx.eval(model.parameters())
     except (ValueError, RuntimeError) as e:
@@ -158,14 +160,34 @@ def load_tokenizer(path: Path, model: Model):
         raise RefusionError(f"cannot load the tokenizer from {path}: {first}") from None
 
 
-def find_mask_id(model: Model, tokenizer) -> int:
-    """The mask token: config's ``mask_token_id``, else the tokenizer's ``<|mask|>``."""
-    if model.args.mask_token_id is not None:
-        return model.args.mask_token_id
-    mask_id = tokenizer.get_vocab().get(MASK_TOKEN)
-    if mask_id is None:
-        raise RefusionError("the config has no mask_token_id and the tokenizer has no <|mask|> token")
-    return mask_id
+def read_generation_config(path: Path) -> dict:
+    """generation_config.json as a dict ({} when absent); a broken one is one clear line."""
+    file = path / "generation_config.json"
+    if not file.exists():
+        return {}
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RefusionError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise RefusionError(f"{file} must hold a JSON object")
+    return config
+
+
+def attach_generation_config(model: Model, path: Path):
+    """The model's own decoding defaults and the prompt formats it was trained on, from its folder.
+
+    ``generation_config.json`` may carry ``generate_ids``'s knobs (gen_length, slot_size,
+    serial_num_blocks, slot_threshold, token_threshold): they replace the library's defaults
+    for this model (the demo model ships its own). ``prompt_formats``, when present, lists the
+    only prompt formats the model was trained on; the command line warns when asked for another.
+    """
+    from .decode import KNOBS
+
+    config = read_generation_config(path)
+    model.generation_defaults = MappingProxyType({k: config[k] for k in KNOBS if k in config})
+    formats = config.get("prompt_formats")
+    model.prompt_formats = "; ".join(formats) if isinstance(formats, list) else None
 
 
 def load(
@@ -174,13 +196,34 @@ def load(
     dtype: Optional[str] = None,
     revision: Optional[str] = None,
 ) -> Tuple[Model, object]:
-    """Load (model, tokenizer) from a local folder, a hub repo id or the demo model (None)."""
+    """Load a model and its tokenizer.
+
+    Args:
+        path_or_repo: a local folder (HF or MLX layout), a Hugging Face repo id (downloaded
+            once: configs, safetensors and tokenizer files only), or None / ``"demo"`` for the
+            small demo model shipped in the package.
+        adapter_path: a folder with fine-tuned adapters (``adapter_config.json`` +
+            ``adapters.safetensors``, mlx-lm's layout) to apply.
+        dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"`` to cast the floating weights;
+            default the checkpoint's (float32 for the demo model).
+        revision: a hub branch, tag or commit.
+
+    Returns:
+        ``(model, tokenizer)``: our Qwen3 with ``model.args.mask_token_id`` set (from the config,
+        else the tokenizer's ``<|mask|>``) and the model's own decoding defaults, and mlx-lm's
+        ``TokenizerWrapper``.
+    """
     path = resolve_path(path_or_repo, revision)
     if dtype is None and path == DEMO_MODEL_PATH:
         dtype = "float32"  # shipped as float16 to stay small; float32 is fast on every device
     model = load_model(path, dtype=dtype)
     tokenizer = load_tokenizer(path, model)
-    model.args.mask_token_id = find_mask_id(model, tokenizer)
+    if model.args.mask_token_id is None:
+        model.args.mask_token_id = mask_token_in_files(path)
+    if model.args.mask_token_id is None:
+        model.args.mask_token_id = tokenizer.get_vocab().get(MASK_TOKEN)
+    if model.args.mask_token_id is None:
+        raise RefusionError(f"the config has no mask_token_id and the tokenizer has no {MASK_TOKEN} token")
     if adapter_path is not None:
         load_adapters(model, adapter_path)
     return model, tokenizer

@@ -14,7 +14,8 @@ import sys
 import types
 from typing import Optional, Sequence
 
-from .errors import ArgumentParser, RefusionError
+from .cli import ArgumentParser
+from .errors import RefusionError
 from .tuner.trainer import OPTIMIZERS, run_test, run_training
 
 # Upstream train.py: PEFT LoRA r=8, alpha=16, dropout 0.01 on q/k/v/o, every layer.

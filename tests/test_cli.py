@@ -9,11 +9,9 @@ import pytest
 from conftest import with_root_on_path
 
 from checkpoints import tiny_config, write_checkpoint
-from refusion_mlx import generate_ids, stream_generate
+from refusion_mlx import generate, generate_ids, stream_generate
 from refusion_mlx.generate import main
-# The function (the package's `generate` is shadowed once the CLI module of that name is imported).
-from refusion_mlx.text import generate
-from refusion_mlx.text import prompt_ids
+from refusion_mlx.tokenizer_utils import prompt_ids
 
 
 FAST = ["--max-tokens", "16", "--slot-size", "4", "--blocks", "2"]
@@ -88,10 +86,12 @@ def test_presets_set_the_papers_knobs():
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--slot-size", "0"], "slot_size must be positive"),
-    (["--max-tokens", "20", "--slot-size", "4", "--blocks", "2"], "does not fit"),
-    (["--slot-threshold", "1.5"], "slot_threshold must be in [0, 1]"),
-    (["--token-threshold", "-0.2"], "token_threshold must be in [0, 1]"),
+    (["--slot-size", "0"], "--slot-size must be a positive integer"),
+    (["--max-tokens", "0"], "--max-tokens must be a positive integer"),
+    (["--blocks", "-1"], "--blocks must be a positive integer"),
+    (["--slot-threshold", "1.5"], "--slot-threshold must be in [0, 1]"),
+    (["--token-threshold", "-0.2"], "--token-threshold must be in [0, 1]"),
+    (["--temp", "-1"], "--temp must be >= 0"),
     (["--prompt", "   "], "the prompt is empty"),
     (["--max-tokens", "1024", "--slot-size", "8", "--blocks", "1"], "max_position_embeddings"),
 ])

@@ -58,7 +58,7 @@ def test_tpf_credit_matches_upstream_formula():
 
 @pytest.mark.parametrize("knobs, message", [
     (dict(slot_size=0), "slot_size"),
-    (dict(gen_length=20, slot_size=4, serial_num_blocks=2), "does not fit"),
+    (dict(gen_length=0), "gen_length must be a positive integer"),
     (dict(slot_threshold=1.5), "slot_threshold"),
     (dict(token_threshold=-0.1), "token_threshold"),
     (dict(temperature=-1.0), "temperature"),
@@ -79,10 +79,22 @@ def test_empty_prompt_is_refused(tiny_model):
         generate_ids(tiny_model, [])
 
 
-def test_gen_length_is_padded_to_whole_slots(tiny_model):
-    r = generate_ids(tiny_model, [5, 6, 7], gen_length=13, slot_size=4, serial_num_blocks=2,
-                     slot_threshold=0.5, token_threshold=0.5, eos_token_id=[])
-    assert len(r.tokens) == 16
+@pytest.mark.parametrize("gen_length", [1, 7, 13, 40])
+def test_any_gen_length_is_padded_internally_and_cut_to_what_was_asked(tiny_model, gen_length):
+    knobs = dict(slot_size=4, serial_num_blocks=4, slot_threshold=0.5, token_threshold=0.5, eos_token_id=[])
+    r = generate_ids(tiny_model, [5, 6, 7], gen_length=gen_length, **knobs)
+    assert len(r.tokens) == gen_length
+    # The padding is whole slots in every block: the same decoding as the padded length, cut.
+    padded = -(-gen_length // 16) * 16
+    assert r.tokens == generate_ids(tiny_model, [5, 6, 7], gen_length=padded, **knobs).tokens[:gen_length]
+
+
+def test_a_length_that_fits_works_even_when_its_padding_does_not(tiny_model):
+    limit = tiny_model.args.max_position_embeddings
+    prompt = [5] * 10
+    r = generate_ids(tiny_model, prompt, gen_length=limit - 10, slot_size=8, serial_num_blocks=4,
+                     eos_token_id=[], slot_threshold=0.5, token_threshold=0.5)
+    assert len(r.tokens) == limit - 10
 
 
 # --- the whole decoder against the reference --------------------------------------------
@@ -122,26 +134,44 @@ def grid_models(tmp_path_factory):
     return models
 
 
-def test_decoder_equals_reference_across_the_grid(grid_models):
-    rng = np.random.default_rng(7)
+GRID = grid()
+_grid_commits = {}  # case -> kinds seen, shared by the per-case tests and the coverage check
+
+
+def check_case(models, case):
+    """Ours against the reference on one grid case, without and with an EOS; returns the commits."""
+    if case in _grid_commits:
+        return _grid_commits[case]
+    S, B, ts, tt, which = case
+    model = models[which]
+    rng = np.random.default_rng(GRID.index(case))
+    prompt = rng.integers(0, 315, size=int(rng.integers(3, 12))).tolist()
+    # First without EOS, then with an EOS id the model really produces mid-way through.
+    free, _, _ = run_both(model, prompt, S, B, ts, tt, [])
+    eos = free.tokens[int(rng.integers(len(free.tokens) // 4, len(free.tokens)))]
+    commits = []
+    for eos_ids in ([], [eos]):
+        ours, ref, ref_tpf = run_both(model, prompt, S, B, ts, tt, eos_ids)
+        assert ours.tokens == ref, eos_ids
+        assert ours.tpf == pytest.approx(ref_tpf), eos_ids
+        commits += [(c, eos_ids) for c in ours.commits]
+    _grid_commits[case] = commits
+    return commits
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: "S{}-B{}-st{}-tt{}-m{}".format(*c))
+def test_decoder_equals_reference(grid_models, case):
+    check_case(grid_models, case)
+
+
+def test_the_grid_exercises_every_path(grid_models):
     seen = {"verify": 0, "infill": 0, "eos_verify": 0, "eos_infill": 0, "rows>1": 0}
-    for S, B, ts, tt, which in grid():
-        model = grid_models[which]
-        prompt = rng.integers(0, 315, size=int(rng.integers(3, 12))).tolist()
-        # First without EOS, then with an EOS id the model really produces mid-way through.
-        free, _, _ = run_both(model, prompt, S, B, ts, tt, [])
-        eos = free.tokens[int(rng.integers(len(free.tokens) // 4, len(free.tokens)))]
-        for eos_ids in ([], [eos]):
-            ours, ref, ref_tpf = run_both(model, prompt, S, B, ts, tt, eos_ids)
-            case = (S, B, ts, tt, which, eos_ids)
-            assert ours.tokens == ref, case
-            assert ours.tpf == pytest.approx(ref_tpf), case
-            for c in ours.commits:
-                seen[c.kind] += 1
-                seen["rows>1"] += c.kind == "infill" and c.slots > 1
-                if eos_ids and eos_ids[0] in c.tokens:
-                    seen["eos_" + c.kind] += 1
-    # The grid must actually exercise every path it claims to test.
+    for case in GRID:
+        for c, eos_ids in check_case(grid_models, case):
+            seen[c.kind] += 1
+            seen["rows>1"] += c.kind == "infill" and c.slots > 1
+            if eos_ids and eos_ids[0] in c.tokens:
+                seen["eos_" + c.kind] += 1
     assert all(seen.values()), seen
 
 

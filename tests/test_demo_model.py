@@ -13,10 +13,14 @@ from refusion_mlx.autoregressive import generate_ar_ids
 from refusion_mlx.decode import generate_ids
 from refusion_mlx.demo import tasks
 from refusion_mlx.evaluate import make_cases
-from refusion_mlx.generate import build_parser, settings_from_args
-from refusion_mlx.loading import DEMO_MODEL_PATH, is_demo, load, resolve_path
-from refusion_mlx.presets import DEFAULTS, DEMO_DEFAULTS
-from refusion_mlx.text import default_eos
+from refusion_mlx.cli import settings_from_args
+from refusion_mlx.generate import build_parser
+from refusion_mlx.loading import DEMO_MODEL_PATH, is_demo, load, resolve_path, read_generation_config
+from refusion_mlx.tokenizer_utils import default_eos
+
+# The demo's own decoding defaults, shipped beside its weights.
+DEMO_DEFAULTS = {k: v for k, v in read_generation_config(DEMO_MODEL_PATH).items()
+                 if k in ("gen_length", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold")}
 
 SUBSET = 28  # the first 28 test examples: four of each family (the split cycles through them)
 # Stated floors on that subset, a little under what was measured (CPU, float32): plan-and-infill
@@ -76,13 +80,48 @@ def test_left_to_right_solves_the_subset(demo, cases):
     assert sum(ok) >= LEFT_TO_RIGHT_FLOOR, f"{sum(ok)}/{len(ok)} correct"
 
 
-def test_cli_defaults_follow_the_model():
-    demo_knobs = settings_from_args(build_parser().parse_args(["--prompt", "p"]))
-    assert {k: demo_knobs[k] for k in DEMO_DEFAULTS} == DEMO_DEFAULTS
-    real = settings_from_args(build_parser().parse_args(["--model", "GSAI-ML/ReFusion", "--prompt", "p"]))
-    assert {k: real[k] for k in DEFAULTS} == DEFAULTS
-    flagged = settings_from_args(build_parser().parse_args(["--prompt", "p", "--slot-size", "16"]))
-    assert flagged["slot_size"] == 16
+def test_defaults_follow_the_model(demo, tiny_model):
+    from refusion_mlx.decode import DecodeSettings, settings_for
+
+    model, _ = demo
+    own = vars(settings_for(model, 20))
+    assert {k: own[k] for k in DEMO_DEFAULTS} == DEMO_DEFAULTS  # from its generation_config.json
+    library = DecodeSettings()
+    plain = settings_for(tiny_model, 20)  # no generation_config.json: the library's table
+    assert (plain.slot_size, plain.serial_num_blocks) == (library.slot_size, library.serial_num_blocks)
+    assert plain.gen_length == min(library.gen_length, tiny_model.args.max_position_embeddings - 20)
+    flagged = settings_from_args(build_parser().parse_args(["--prompt", "p", "--slot-size", "16"]), model, 20)
+    assert flagged["slot_size"] == 16 and flagged["serial_num_blocks"] == DEMO_DEFAULTS["serial_num_blocks"]
+
+
+def test_generate_with_its_defaults_answers_on_the_demo(demo):
+    from refusion_mlx import generate
+
+    model, tokenizer = demo
+    text = generate(model, tokenizer, "What is 682 + 459? Work column by column.")
+    assert "Answer: 1141" in text
+
+
+@pytest.mark.parametrize("preset", ["gsm8k", "arc", "mmlu-pro"])
+def test_every_preset_runs_on_the_demo_model(demo, preset):
+    from refusion_mlx import generate_ids
+    from refusion_mlx.presets import PRESETS
+
+    model, tokenizer = demo
+    ids = tokenizer.encode("What is 12 + 30? Work column by column.")
+    result = generate_ids(model, ids, preset=preset, eos_token_id=default_eos(tokenizer))
+    assert 0 < len(result.tokens) <= model.args.max_position_embeddings - len(ids)
+    assert result.commits and all(len(c.tokens) <= PRESETS[preset]["slot_size"] * c.slots for c in result.commits)
+
+
+def test_a_converted_copy_keeps_the_demo_knobs(tmp_path):
+    from refusion_mlx.convert import convert
+    from refusion_mlx.decode import settings_for
+
+    out = convert(str(DEMO_MODEL_PATH), str(tmp_path / "copy"))
+    model, _ = load(out)
+    own = vars(settings_for(model, 20))
+    assert {k: own[k] for k in DEMO_DEFAULTS} == DEMO_DEFAULTS
 
 
 def test_cli_without_model_answers_offline(tmp_path):

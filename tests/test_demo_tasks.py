@@ -194,11 +194,11 @@ def test_png_writer_writes_what_it_is_given(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--limit", "0"], "--limit must be at least 1"),
     (["--settings", "s=4,q=2"], "bad setting"),
-    (["--settings", "s=4,b=3"], "does not fit"),
+    (["--settings", "s=0,b=3"], "slot_size must be a positive integer"),
     (["--settings", "tt=1.5"], "token_threshold must be in [0, 1]"),
     (["--data", "/nonexistent/folder"], "no test split"),
     (["--max-tokens", "608"], "max_position_embeddings"),
-    (["--max-tokens", "600"], "setting 's=4,b=8,st=0.9,tt=0.9' with --max-tokens 600: gen_length"),
+    (["--max-tokens", "0"], "--max-tokens must be positive"),
     (["--limit", "x"], "invalid int value"),
 ])
 def test_evaluate_bad_input_is_one_line_and_exit_2(tiny_demo_model, capsys, extra, message):

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..errors import RefusionError, run_command
+from ..cli import run_command
+from ..errors import RefusionError
 
 DEMO_SEED = 0
 DEFAULT_SIZES = {"train": 20000, "valid": 500, "test": 500}

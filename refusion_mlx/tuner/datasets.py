@@ -8,16 +8,17 @@ one example per line, in any of these shapes:
     {"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", ...}]}
 
 As in upstream ``train.py`` the prompt goes through the chat template with the
-generation prompt appended, and the response gets EOS at its end; only the
-response is ever a target.
+generation prompt appended (``tokenizer_utils.prompt_ids``, the same builder decoding
+uses), and the response gets EOS at its end; only the response is ever a target.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..errors import RefusionError
+from ..tokenizer_utils import prompt_ids
+from ..utils import read_jsonl
 
 SPLITS = ("train", "valid", "test")
 FORMATS = "{'query','response'}, {'prompt','completion'} or {'messages': [...]}"
@@ -32,18 +33,6 @@ class Example:
 
     def __len__(self):
         return len(self.prompt) + len(self.response)
-
-
-def chat_prompt_ids(tokenizer, messages: list) -> List[int]:
-    """Messages through the chat template with the assistant's turn opened, as upstream trains.
-
-    Thinking is passed as on (Qwen3's template default, which upstream's call
-    relies on) because mlx-lm's wrapper would otherwise switch it off for
-    tokenizers without ``<think>``.
-    """
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                         enable_thinking=True)
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _text_field(record: dict, key: str, where: str) -> str:
@@ -90,32 +79,16 @@ def tokenize_record(record, tokenizer, where: str) -> Example:
     messages, response = split_record(record, where)
     if not response.strip():
         raise RefusionError(f"{where}: the response is empty")
-    if getattr(tokenizer, "chat_template", None):
-        prompt = chat_prompt_ids(tokenizer, messages)
-    elif len(messages) == 1:
-        prompt = tokenizer.encode(messages[0]["content"], add_special_tokens=False)
-    else:
-        raise RefusionError(f"{where}: a multi-turn chat needs a tokenizer with a chat template")
+    try:
+        prompt = prompt_ids(tokenizer, messages)
+    except RefusionError as e:
+        raise RefusionError(f"{where}: {e}") from None
     return Example(prompt, tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id])
 
 
-def read_jsonl(path: Path, tokenizer) -> List[Example]:
-    """Every non-blank line of a JSONL file, tokenized; errors name the file and line."""
-    examples = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise RefusionError(f"{path.name} is not UTF-8 text") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path.name} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RefusionError(f"{where}: not valid JSON ({e.msg})") from None
-        examples.append(tokenize_record(record, tokenizer, where))
-    return examples
+def read_examples(path: Path, tokenizer) -> List[Example]:
+    """Every record of a JSONL file, tokenized; errors name the file and line."""
+    return [tokenize_record(record, tokenizer, where) for where, record in read_jsonl(path)]
 
 
 def truncate(examples: List[Example], max_seq_length: int, name: str) -> List[Example]:
@@ -145,7 +118,7 @@ def load_split(data_dir: Path, split: str, tokenizer, max_seq_length: int,
         if required:
             raise RefusionError(f"no {path.name} in {data_dir}")
         return None
-    examples = truncate(read_jsonl(path, tokenizer), max_seq_length, path.name)
+    examples = truncate(read_examples(path, tokenizer), max_seq_length, path.name)
     if required and not examples:
         raise RefusionError(f"{path} has no examples")
     return examples

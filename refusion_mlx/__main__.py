@@ -1,0 +1,42 @@
+"""``python -m refusion_mlx <command> [flags]``: every command line under one name, as mlx-lm's."""
+
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": "text from a prompt (plan-and-infill)",
+    "evaluate": "accuracy and speed against left-to-right decoding",
+    "benchmark": "plan-and-infill against left-to-right on one prompt",
+    "lora": "fine-tune (LoRA, DoRA, QLoRA, full) with ReFusion's objective",
+    "fuse": "fuse adapters into the model",
+    "convert": "convert and quantize a checkpoint",
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m refusion_mlx <command> [flags]   (<command> --help for its flags)", ""]
+    lines += [f"  {name:<10} {what}" for name, what in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(__version__)
+        return 0
+    command = argv.pop(0)
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"refusion_mlx.{command}")
+    sys.argv[0] = f"python -m refusion_mlx {command}"
+    return module.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

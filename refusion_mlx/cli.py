@@ -1,0 +1,130 @@
+"""What every command line shares: the parser that fails in one line, error handling, and the
+flags that name a model and the decoder's knobs (defined once, used by generate, evaluate and
+the benchmark)."""
+
+import argparse
+import os
+import re
+import sys
+from typing import Callable, Dict, Optional
+
+from .errors import RefusionError
+from .utils import DTYPES
+
+# The decoder's argument names as the command line spells them: errors raised by the library
+# name arguments; the same error seen from a command line names the flag to change.
+FLAG_NAMES: Dict[str, str] = {
+    "gen_length": "--max-tokens",
+    "slot_size": "--slot-size",
+    "serial_num_blocks": "--blocks",
+    "slot_threshold": "--slot-threshold",
+    "token_threshold": "--token-threshold",
+    "temperature": "--temp",
+    "mask_id": "--mask-id",
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one ``error:`` line, like every other error here."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def in_flag_names(message: str) -> str:
+    """``message`` with the decoder's argument names replaced by their flags."""
+    for name, flag in FLAG_NAMES.items():
+        message = re.sub(rf"\b{name}\b", flag, message)
+    return message
+
+
+def run_command(run: Callable, args, interrupted: str = "interrupted", decode_flags: bool = False) -> int:
+    """Call ``run(args)`` and turn what can go wrong into one line and an exit status.
+
+    RefusionError: ``error: ...`` (with ``decode_flags``, the decoder's arguments named by
+    their flags), 2. Ctrl-C: ``interrupted``, 130. A reader that
+    closed the pipe early (``| head``): quiet, 141 as a shell reports SIGPIPE.
+    """
+    try:
+        return run(args)
+    except RefusionError as e:
+        print(f"error: {in_flag_names(str(e)) if decode_flags else e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit: point stdout at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def add_model_flags(parser: argparse.ArgumentParser, default: Optional[str] = None):
+    """--model, --adapter-path, --dtype."""
+    parser.add_argument("--model", default=default,
+                        help="local folder or Hugging Face repo id (e.g. GSAI-ML/ReFusion); default: "
+                             "the packaged demo model, offline")
+    parser.add_argument("--adapter-path", help="folder with fine-tuned adapters")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="cast the weights")
+
+
+def add_prompt_flags(parser: argparse.ArgumentParser, required: bool = True):
+    """--prompt and how it is formatted."""
+    parser.add_argument("--prompt", "-p", required=required, help="the prompt; '-' reads it from stdin")
+    parser.add_argument("--system-prompt", help="system message for the chat template")
+    parser.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as is")
+    parser.add_argument("--no-thinking", action="store_true",
+                        help="chat template with thinking off (upstream evaluates with it on)")
+
+
+def add_decode_flags(parser: argparse.ArgumentParser):
+    """The plan-and-infill knobs; unset ones come from the preset, then the model, then the library."""
+    from .presets import PRESETS
+
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="the paper's slot and threshold settings for a benchmark")
+    parser.add_argument("--max-tokens", "-m", type=int,
+                        help="most tokens to generate (padded internally to whole slots and blocks); "
+                             "default: the model's, fitted to its positions")
+    parser.add_argument("--slot-size", type=int, help="tokens per slot")
+    parser.add_argument("--blocks", type=int, help="serial blocks the generation is cut into")
+    parser.add_argument("--slot-threshold", type=float, help="first-token confidence to pick a slot")
+    parser.add_argument("--token-threshold", type=float, help="probability to accept a drafted token")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--seed", type=int, help="random seed for sampling")
+
+
+def decode_knobs(args) -> dict:
+    """The knobs the user set on the command line (``preset`` included), by argument name."""
+    given = {
+        "preset": getattr(args, "preset", None),
+        "gen_length": getattr(args, "max_tokens", None),
+        "slot_size": getattr(args, "slot_size", None),
+        "serial_num_blocks": getattr(args, "blocks", None),
+        "slot_threshold": getattr(args, "slot_threshold", None),
+        "token_threshold": getattr(args, "token_threshold", None),
+        "temperature": getattr(args, "temp", None),
+        "seed": getattr(args, "seed", None),
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def settings_from_args(args, model=None, prompt_length: int = 0) -> dict:
+    """Every knob for ``generate_ids``: flags, then the preset, then the model's own, then the library's.
+
+    Checked now, so a bad flag fails before anything is loaded; with a model, an unset
+    ``--max-tokens`` is fitted to the room its positions leave after the prompt.
+    """
+    from dataclasses import asdict
+
+    from .decode import settings_for
+
+    return asdict(settings_for(model, prompt_length, **decode_knobs(args)))
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt flag's value; ``-`` reads standard input, without the newline ``echo`` ends it with."""
+    if prompt != "-":
+        return prompt
+    return sys.stdin.read().rstrip("\r\n")

@@ -1,0 +1,89 @@
+"""Tokens with a meaning: the mask token, EOS, and prompts built the same way for training and
+for decoding."""
+
+import json
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+from .errors import RefusionError
+
+MASK_TOKEN = "<|mask|>"
+
+
+def mask_token_in_files(folder: Path) -> Optional[int]:
+    """The id of ``<|mask|>`` in a folder's tokenizer files, read as JSON (nothing is run).
+
+    Fast tokenizers list it in tokenizer.json; slow ones (vocab.json + merges.txt) in
+    tokenizer_config.json's ``added_tokens_decoder`` or in added_tokens.json.
+    """
+    def read(name):
+        try:
+            return json.loads((Path(folder) / name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    tok = read("tokenizer.json")
+    for entry in tok.get("added_tokens", []):
+        if entry.get("content") == MASK_TOKEN:
+            return entry["id"]
+    vocab = tok.get("model", {}).get("vocab")
+    if isinstance(vocab, dict) and MASK_TOKEN in vocab:
+        return vocab[MASK_TOKEN]
+    decoder = read("tokenizer_config.json").get("added_tokens_decoder", {})
+    ids = [int(i) for i, entry in decoder.items() if isinstance(entry, dict) and entry.get("content") == MASK_TOKEN]
+    return ids[0] if ids else read("added_tokens.json").get(MASK_TOKEN)
+
+
+def resolve_mask_id(mask_id: Optional[int], model) -> int:
+    """The mask token id: the argument, else the model config's ``mask_token_id`` (which ``load``
+    fills from the tokenizer when the config has none); checked against the vocabulary."""
+    if mask_id is None:
+        mask_id = getattr(model.args, "mask_token_id", None)
+    if mask_id is None:
+        raise RefusionError(
+            f"no mask token: the config has no mask_token_id and no {MASK_TOKEN} token was found; "
+            "pass mask_id explicitly"
+        )
+    if not 0 <= mask_id < model.args.vocab_size:
+        raise RefusionError(f"mask_id {mask_id} is outside the vocabulary (size {model.args.vocab_size})")
+    return int(mask_id)
+
+
+def default_eos(tokenizer) -> List[int]:
+    """EOS ids of a tokenizer: mlx-lm's set (tokenizer + config), else the tokenizer's own."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    if ids:
+        return sorted(ids)
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def prompt_ids(tokenizer, prompt: Union[str, Sequence[int], List[dict]], system_prompt: Optional[str] = None,
+               use_chat_template: bool = True, enable_thinking: bool = True) -> List[int]:
+    """Token ids of a prompt, built as upstream's ``train.py`` builds its training prompts.
+
+    ``prompt`` is a string (one user turn), a list of chat messages, or token ids (returned
+    as they are). Through the chat template with the assistant's turn opened and thinking
+    on (Qwen3's default; passed explicitly because mlx-lm's wrapper turns it off for
+    templates without ``<think>``), then encoded without adding special tokens: the
+    template writes its own, as ``apply_chat_template(tokenize=True)`` does. Training
+    (``tuner.datasets``) and decoding both call this, so the model sees at inference
+    exactly the prompt ids it was trained on.
+    """
+    if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(m, dict)
+                                                                                       for m in prompt)):
+        return [int(t) for t in prompt]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if not any(m["content"].strip() for m in messages):
+        raise RefusionError("the prompt is empty")
+    if system_prompt:
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                             enable_thinking=enable_thinking)
+    elif len(messages) == 1:
+        text = messages[0]["content"]
+    elif len(messages) == 2 and messages[0]["role"] == "system":
+        text = messages[0]["content"] + "\n" + messages[1]["content"]
+    else:
+        raise RefusionError("a multi-turn chat needs a tokenizer with a chat template")
+    return tokenizer.encode(text, add_special_tokens=False)
