@@ -5,22 +5,20 @@
 Flags follow ``mlx_lm.lora``; LoRA/DoRA layers, optimizers, schedules and the
 adapter layout (``adapter_config.json`` + ``adapters.safetensors``) are mlx-lm's,
 so ``refusion_mlx.load(..., adapter_path=...)`` and ``mlx_lm`` both read what is
-saved here. What is ours: the loss (``objective.py``), the batches it needs and
-a small training loop that saves atomically and resumes where it stopped.
+saved here. What is ours lives in ``tuner/``: the loss (``objective.py``), the data
+(``datasets.py``) and a small training loop that saves atomically and resumes where it
+stopped (``trainer.py``); this module only reads the options and calls them.
 """
 
 import argparse
 import sys
 import types
+from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import ArgumentParser
+from .cli import ArgumentParser, run_command
 from .errors import RefusionError
-from .tuner.trainer import OPTIMIZERS, run_test, run_training
-
-# Upstream train.py: PEFT LoRA r=8, alpha=16, dropout 0.01 on q/k/v/o, every layer.
-LORA_DEFAULTS = {"rank": 8, "alpha": 16.0, "dropout": 0.01,
-                 "keys": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+from .tuner.utils import LORA_DEFAULTS, OPTIMIZERS
 CONFIG_DEFAULTS = {
     "model": None, "train": False, "test": False, "data": None, "fine_tune_type": "lora",
     "optimizer": "adam", "optimizer_config": {}, "lr_schedule": None, "seed": 0, "num_layers": -1,
@@ -144,11 +142,72 @@ def check_args(args):
         raise RefusionError(f"unknown optimizer {args.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
 
 
-def run(args):
+def adapter_config(args) -> dict:
+    """adapter_config.json in mlx-lm's layout (what ``load_adapters`` reads) plus our run's options."""
+    keep = ["model", "data", "fine_tune_type", "num_layers", "lora_parameters", "optimizer", "seed",
+            "batch_size", "iters", "learning_rate", "lr_schedule", "max_seq_length", "ar_fraction",
+            "grad_accumulation_steps"]
+    config = {k: getattr(args, k) for k in keep}
+    config["objective"] = "refusion-hybrid-ar-mdm"
+    return config
+
+
+def training_args(args):
+    """The trainer's dataclass from the command line's options."""
+    from .tuner.trainer import TrainingArgs
+
+    return TrainingArgs(batch_size=args.batch_size, iters=args.iters, val_batches=args.val_batches,
+                        steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
+                        steps_per_save=args.save_every, adapter_path=args.adapter_path,
+                        grad_accumulation_steps=args.grad_accumulation_steps, seed=args.seed,
+                        ar_fraction=args.ar_fraction)
+
+
+def train_model(args, model, train_set, valid_set, mask_id: int, pad_id: int, callback=None):
+    """Set up layers, optimizer, resume and the adapter folder; train; return the losses."""
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import print_trainable_parameters
+
+    from .tuner.trainer import PrintReports, resume, train
+    from .tuner.utils import build_optimizer, checkpoint_blocks, prepare_model
+    from .utils import atomic_write_json
+
+    mx.random.seed(args.seed)
+    lora = dict(args.lora_parameters) if args.lora_parameters else None
+    if args.grad_checkpoint and lora and lora["dropout"] > 0:
+        # The recomputed forward pass would draw new dropout masks: gradients of another network
+        print("[WARNING] --grad-checkpoint sets LoRA dropout to 0 (recomputing would redraw its masks)")
+        lora["dropout"] = 0.0
+    args.lora_parameters = prepare_model(model, args.fine_tune_type, args.num_layers, lora)
+    optimizer = build_optimizer(args.optimizer, args.learning_rate, args.lr_schedule, args.optimizer_config)
+    start, trained = resume(model, optimizer, args.resume_adapter_file) if args.resume_adapter_file else (0, 0)
+    if start >= args.iters:
+        print(f"Already at step {start} of --iters {args.iters}: nothing to train")
+    print_trainable_parameters(model)
+    if args.grad_checkpoint:
+        checkpoint_blocks(model)
+    adapter_dir = Path(args.adapter_path)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(adapter_dir / "adapter_config.json", adapter_config(args))
+    return train(model, optimizer, train_set, valid_set, training_args(args), mask_id, pad_id, start, trained,
+                 callback or PrintReports())
+
+
+def evaluate_model(args, model, test_set, mask_id: int, pad_id: int) -> float:
+    """Held-out loss on test.jsonl (seeded layouts)."""
+    from .tuner.trainer import evaluate
+
+    loss, ar, mdm = evaluate(model, test_set, args.batch_size, args.test_batches, mask_id, pad_id,
+                             args.seed, args.ar_fraction)
+    print(f"Test loss {loss:.3f} (AR {ar:.3f}, MDM {mdm:.3f})")
+    return loss
+
+
+def run(args) -> int:
     """Load model and data; train and/or test."""
     from .blas import warn_if_slow_blas
-    from .tuner.datasets import load_datasets
     from .loading import load
+    from .tuner.datasets import load_datasets
 
     print("Loading pretrained model", flush=True)
     adapters = args.adapter_path if args.test and not args.train and args.adapter_path else None
@@ -160,22 +219,19 @@ def run(args):
                                                    bool(args.train), bool(args.test))
     warn_if_slow_blas()  # only once the input has proved good: bad input stays one line
     if args.train:
-        run_training(model, args, train_set, valid_set, mask_id, pad_id)
+        train_model(args, model, train_set, valid_set, mask_id, pad_id)
     if args.test:
-        run_test(model, args, test_set, mask_id, pad_id)
+        evaluate_model(args, model, test_set, mask_id, pad_id)
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        run(resolve_args(argv))
+        args = resolve_args(argv)
     except RefusionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted (resume with --resume-adapter-file ADAPTER_PATH/adapters.safetensors)",
-              file=sys.stderr)
-        return 130
-    return 0
+    return run_command(run, args, "interrupted (resume with --resume-adapter-file ADAPTER_PATH/adapters.safetensors)")
 
 
 if __name__ == "__main__":

@@ -153,14 +153,12 @@ def test_yaml_config_and_lora_keys(capsys, tiny_path, data_dir, tmp_path):
 
 def test_grad_checkpoint_gives_the_same_gradients(tiny_path):
     import random
-    import types
 
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
     from refusion_mlx import load_model
-    from refusion_mlx.lora import LORA_DEFAULTS
-    from refusion_mlx.tuner.trainer import checkpoint_blocks, prepare_model
+    from refusion_mlx.tuner.utils import LORA_DEFAULTS, checkpoint_blocks, prepare_model
     from refusion_mlx.tuner.objective import collate, hybrid_loss, layout_example
 
     batch = collate([layout_example(list(range(5, 12)), list(range(40, 75)), 319, random.Random(1))])
@@ -168,9 +166,7 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny_path):
     for checkpointed in (False, True):
         model = load_model(tiny_path)
         mx.random.seed(0)
-        args = types.SimpleNamespace(num_layers=-1, fine_tune_type="lora",
-                                     lora_parameters={**LORA_DEFAULTS, "scale": 2.0, "dropout": 0.0})
-        prepare_model(model, args)
+        prepare_model(model, "lora", -1, {**LORA_DEFAULTS, "scale": 2.0, "dropout": 0.0})
         if checkpointed:
             checkpoint_blocks(model)
         _, g = nn.value_and_grad(model, lambda m, b: hybrid_loss(m, b)[0])(model, batch)
@@ -178,6 +174,47 @@ def test_grad_checkpoint_gives_the_same_gradients(tiny_path):
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         assert mx.allclose(grads[0][k], grads[1][k], atol=1e-5).item(), k
+
+
+def test_trainer_takes_a_dataclass_and_returns_what_it_reports(tiny_path, data_dir, tmp_path):
+    """The library path: no namespace, no stdout; a resume counts trained tokens on."""
+    from refusion_mlx.tuner.trainer import TrainingArgs, TrainingCallback, resume, train
+    from refusion_mlx.tuner.utils import LORA_DEFAULTS, build_optimizer, prepare_model
+
+    _, tokenizer = load(tiny_path)
+    train_set, valid_set, _ = load_datasets(str(data_dir), tokenizer, 256, True, False)
+
+    class Collect(TrainingCallback):
+        def __init__(self):
+            self.train, self.val = [], []
+
+        def on_train_loss_report(self, info):
+            self.train.append(info)
+
+        def on_val_loss_report(self, info):
+            self.val.append(info)
+
+    def run(iters, resume_from=None):
+        model, tok = load(tiny_path)
+        prepare_model(model, "lora", -1, {**LORA_DEFAULTS, "scale": 2.0})
+        optimizer = build_optimizer("adam", 1e-2)
+        start, trained = resume(model, optimizer, resume_from) if resume_from else (0, 0)
+        args = TrainingArgs(batch_size=4, iters=iters, steps_per_report=2, steps_per_eval=2,
+                            steps_per_save=100, adapter_path=str(tmp_path / "a"))
+        callback = Collect()
+        losses = train(model, optimizer, train_set, valid_set, args, model.args.mask_token_id,
+                       tok.pad_token_id, start, trained, callback)
+        return losses, callback
+
+    losses, seen = run(4)
+    assert losses.train == seen.train and losses.val == seen.val
+    assert [r["iteration"] for r in losses.train] == [2, 4] and [r["iteration"] for r in losses.val] == [1, 2, 4]
+    assert all(r["loss"] == pytest.approx(r["ar"] + r["mdm"]) for r in losses.train + losses.val)
+    resumed, _ = run(6, tmp_path / "a" / "adapters.safetensors")
+    assert [r["iteration"] for r in resumed.train] == [6]
+    # Item 10: the counter goes on from the saved run instead of restarting at zero.
+    step_tokens = losses.train[1]["trained_tokens"] - losses.train[0]["trained_tokens"]
+    assert resumed.train[0]["trained_tokens"] > losses.train[1]["trained_tokens"] + step_tokens // 2
 
 
 @pytest.fixture(scope="module")

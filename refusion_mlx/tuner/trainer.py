@@ -1,124 +1,100 @@
-"""Training mechanics for ``refusion_mlx.lora``: adapters on the model, batches, the loop, saving and resuming.
+"""The training loop: batches, the compiled step, validation, saving and resuming.
 
-Saves are atomic (temporary file + rename) and record their step; data order,
-slot layouts and dropout depend only on (seed, step), so a resumed run continues
-exactly where the interrupted one stopped.
+``train`` takes a ``TrainingArgs`` and an optional ``TrainingCallback`` (as mlx-lm's
+trainer) and returns the losses it reported. Saves are atomic and record their step and
+the tokens trained so far; data order, slot layouts and dropout depend only on (seed,
+step), so a resumed run continues exactly where the interrupted one stopped.
 """
-import json
-import os
 import random
 import re
 import time
-from functools import lru_cache, partial
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import RefusionError
+from ..utils import atomic_write
 from .objective import collate, hybrid_loss, layout_example
 
-OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd": optim.SGD,
-              "adafactor": optim.Adafactor}
 ADAPTER_FILE = "adapters.safetensors"
 STATE_FILE = "training_state.safetensors"  # optimizer moments, so a resume continues exactly
 
 
-def resolve_keys(model, keys: Sequence[str]) -> list:
-    """Turn short names (``q_proj``) into paths inside a block (``self_attn.q_proj``), as mlx-lm wants."""
-    linear = (nn.Linear, nn.QuantizedLinear)
-    names = [n for n, m in model.layers[0].named_modules() if isinstance(m, linear)]
-    resolved = []
-    for key in keys:
-        matches = [n for n in names if n == key or n.endswith("." + key)]
-        if not matches:
-            have = ", ".join(sorted(names))
-            raise RefusionError(f"LoRA key {key!r} matches no linear layer (have: {have})")
-        resolved += [n for n in matches if n not in resolved]
-    return resolved
+@dataclass
+class TrainingArgs:
+    """How to train (mlx-lm's names where it has them)."""
+
+    batch_size: int = 4
+    iters: int = 1000
+    val_batches: int = 25  # -1: all
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    steps_per_save: int = 100
+    adapter_path: str = "adapters"
+    grad_accumulation_steps: int = 1
+    seed: int = 0
+    ar_fraction: float = 0.0  # share of examples laid out plainly left to right (objective.py)
 
 
-def prepare_model(model, args):
-    """Freeze the base, then add LoRA/DoRA layers or unfreeze blocks for full fine-tuning."""
-    from mlx_lm.tuner.utils import linear_to_lora_layers
+class TrainingCallback:
+    """Hooks the loop calls with each report (dicts of plain numbers); override what you need."""
 
-    n = len(model.layers)
-    if args.num_layers == 0 or args.num_layers < -1 or args.num_layers > n:
-        raise RefusionError(f"--num-layers must be -1 (all) or 1..{n}, got {args.num_layers}")
-    model.freeze()
-    if args.fine_tune_type == "full":
-        if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
-            raise RefusionError("full fine-tuning needs an unquantized model (use lora or dora for QLoRA)")
-        if args.num_layers == -1:
-            model.unfreeze()  # everything, embeddings and head too: as upstream, and what training from scratch needs
-        else:
-            for layer in model.layers[-args.num_layers:]:
-                layer.unfreeze()
-        args.lora_parameters = None  # as mlx-lm: a full run's adapter_config has no LoRA block
-        return
-    args.lora_parameters["keys"] = resolve_keys(model, args.lora_parameters["keys"])
-    try:
-        linear_to_lora_layers(model, args.num_layers, args.lora_parameters,
-                              use_dora=args.fine_tune_type == "dora")
-    except (ValueError, KeyError) as e:
-        raise RefusionError(f"cannot add {args.fine_tune_type} layers: {e}") from None
+    def on_train_loss_report(self, info: dict):
+        pass
+
+    def on_val_loss_report(self, info: dict):
+        pass
+
+    def on_save(self, info: dict):
+        pass
 
 
-@lru_cache(maxsize=None)
-def _checkpointed(cls):
-    """A subclass of block class ``cls`` whose forward pass is recomputed during backprop."""
+class PrintReports(TrainingCallback):
+    """The command line's report lines."""
 
-    def __call__(self, x, positions, mask=None, cache=None, view=None):
-        def inner(params, x, positions):
-            self.update(params)
-            return cls.__call__(self, x, positions, mask, cache, view)
+    def on_train_loss_report(self, info: dict):
+        print(f"Iter {info['iteration']}/{info['iters']}: train loss {info['loss']:.3f} (AR {info['ar']:.3f}, "
+              f"MDM {info['mdm']:.3f}), lr {info['learning_rate']:.3e}, it/s {info['iterations_per_second']:.3f}, "
+              f"tokens/s {info['tokens_per_second']:.1f}, trained tokens {info['trained_tokens']}, "
+              f"peak mem {info['peak_memory']:.3f} GB", flush=True)
 
-        return mx.checkpoint(inner)(self.trainable_parameters(), x, positions)
+    def on_val_loss_report(self, info: dict):
+        print(f"Iter {info['iteration']}/{info['iters']}: val loss {info['loss']:.3f} (AR {info['ar']:.3f}, "
+              f"MDM {info['mdm']:.3f}), took {info['seconds']:.2f}s", flush=True)
 
-    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
-
-
-def checkpoint_blocks(model):
-    """Gradient checkpointing on this model's blocks only (mlx-lm's patches the class for everyone)."""
-    for layer in model.layers:
-        layer.__class__ = _checkpointed(type(layer))
-
-
-def atomic_save(path: Path, arrays: dict, step: int):
-    """Write safetensors next to ``path`` then rename: a crash never leaves a torn file."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata={"step": str(step)})
-    os.replace(tmp, path)
+    def on_save(self, info: dict):
+        what = "final adapters" if info["final"] else "adapters"
+        where = f"Iter {info['iteration']}/{info['iters']}: saved" if not info["final"] else "Saved"
+        print(f"{where} {what} to {info['path']}", flush=True)
 
 
-def atomic_write_json(path: Path, obj: dict):
-    """JSON written to a temp file and renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=4))
-    os.replace(tmp, path)
+@dataclass
+class TrainingLosses:
+    """What ``train`` returns: every report, in order."""
+
+    train: List[dict] = field(default_factory=list)
+    val: List[dict] = field(default_factory=list)
 
 
-def adapter_config(args) -> dict:
-    """adapter_config.json in mlx-lm's layout (what ``load_adapters`` reads) plus our run's options."""
-    keep = ["model", "data", "fine_tune_type", "num_layers", "lora_parameters", "optimizer", "seed",
-            "batch_size", "iters", "learning_rate", "lr_schedule", "max_seq_length", "ar_fraction",
-            "grad_accumulation_steps"]
-    config = {k: getattr(args, k) for k in keep}
-    config["objective"] = "refusion-hybrid-ar-mdm"
-    return config
+def save_safetensors(path: Path, arrays: dict, step: int, trained_tokens: int):
+    """Written atomically, with the step and the tokens trained so far in its metadata."""
+    atomic_write(path, lambda tmp: mx.save_safetensors(
+        str(tmp), arrays, metadata={"step": str(step), "trained_tokens": str(trained_tokens)}))
 
 
-def save_adapters(adapter_dir: Path, model, optimizer, step: int, numbered: bool):
+def save_adapters(adapter_dir: Path, model, optimizer, step: int, numbered: bool, trained_tokens: int = 0):
     """adapters.safetensors (+ a numbered copy) and the training state, each written atomically."""
     weights = dict(tree_flatten(model.trainable_parameters()))
-    atomic_save(adapter_dir / ADAPTER_FILE, weights, step)
+    save_safetensors(adapter_dir / ADAPTER_FILE, weights, step, trained_tokens)
     if numbered:
-        atomic_save(adapter_dir / f"{step:07d}_{ADAPTER_FILE}", weights, step)
-    atomic_save(adapter_dir / STATE_FILE, dict(tree_flatten(optimizer.state)), step)
+        save_safetensors(adapter_dir / f"{step:07d}_{ADAPTER_FILE}", weights, step, trained_tokens)
+    save_safetensors(adapter_dir / STATE_FILE, dict(tree_flatten(optimizer.state)), step, trained_tokens)
 
 
 def saved_step(path: Path, metadata: dict) -> int:
@@ -132,8 +108,8 @@ def saved_step(path: Path, metadata: dict) -> int:
     return 0
 
 
-def resume(model, optimizer, path: str) -> int:
-    """Load adapter weights (and the training state saved with them); return their step."""
+def resume(model, optimizer, path: str) -> tuple:
+    """Load adapter weights (and the training state saved with them); return (step, trained tokens)."""
     path = Path(path)
     if not path.is_file():
         raise RefusionError(f"--resume-adapter-file not found: {path}")
@@ -150,7 +126,7 @@ def resume(model, optimizer, path: str) -> int:
     step = saved_step(path, metadata)
     restore_state(optimizer, path.parent / STATE_FILE, step)
     print(f"Resuming from {path} at step {step}")
-    return step
+    return step, int(metadata.get("trained_tokens", 0))
 
 
 def restore_state(optimizer, state_file: Path, step: int):
@@ -165,18 +141,6 @@ def restore_state(optimizer, state_file: Path, step: int):
     # Hyper-parameters (learning_rate, ...) come from this run's flags, not the saved run's
     restored.update({k: v for k, v in optimizer.state.items() if k != "step" and isinstance(v, mx.array)})
     optimizer.state = restored
-
-
-def build_optimizer(args):
-    """The optimizer with a constant rate or the YAML ``lr_schedule`` (mlx-lm's build_schedule)."""
-    from mlx_lm.tuner.utils import build_schedule
-
-    name = args.optimizer.lower()
-    try:
-        lr = build_schedule(args.lr_schedule) if args.lr_schedule else args.learning_rate
-        return OPTIMIZERS[name](learning_rate=lr, **(args.optimizer_config or {}).get(name, {}))
-    except (AttributeError, KeyError, TypeError, IndexError) as e:
-        raise RefusionError(f"bad optimizer or lr_schedule settings: {e}") from None
 
 
 def length_batches(examples, batch_size: int) -> list:
@@ -255,82 +219,65 @@ def make_step(model, optimizer, accumulate: int):
     return step, state
 
 
-def report_train(it: int, args, sums, steps: int, tokens: int, seconds: float, optimizer, trained: int):
-    """One line per report: losses, rate, throughput, memory."""
-    loss, ar, mdm = (sums / steps).tolist()
-    lr = optimizer.learning_rate.item()
-    print(f"Iter {it}/{args.iters}: train loss {loss:.3f} (AR {ar:.3f}, MDM {mdm:.3f}), lr {lr:.3e}, "
-          f"it/s {steps / seconds:.3f}, tokens/s {tokens / seconds:.1f}, trained tokens {trained}, "
-          f"peak mem {mx.get_peak_memory() / 1e9:.3f} GB", flush=True)
+def train(model, optimizer, train_set, valid_set, args: TrainingArgs, mask_id: int, pad_id: int,
+          start: int = 0, trained_tokens: int = 0,
+          callback: Optional[TrainingCallback] = None) -> TrainingLosses:
+    """Steps ``start + 1 .. args.iters``: report, validate and save (atomically) as ``args`` asks.
 
+    Args:
+        model: the model, prepared for training (``tuner.utils.prepare_model``).
+        optimizer: an mlx optimizer (``tuner.utils.build_optimizer``).
+        train_set, valid_set: lists of ``datasets.Example``; ``valid_set`` may be None or empty.
+        args: a ``TrainingArgs``.
+        mask_id, pad_id: the mask token and the padding token.
+        start: the step already done (a resumed run); ``trained_tokens`` the tokens trained by then.
+        callback: receives every report and save (``PrintReports`` prints them).
 
-def validate(model, it: int, args, valid_set, mask_id: int, pad_id: int):
-    """Validation loss line; back to training mode afterwards."""
-    tic = time.perf_counter()
-    loss, ar, mdm = evaluate(model, valid_set, args.batch_size, args.val_batches, mask_id, pad_id,
-                             args.seed, args.ar_fraction)
-    model.train()
-    print(f"Iter {it}/{args.iters}: val loss {loss:.3f} (AR {ar:.3f}, MDM {mdm:.3f}), "
-          f"took {time.perf_counter() - tic:.2f}s", flush=True)
-
-
-def train(model, optimizer, train_set, valid_set, args, mask_id: int, pad_id: int, start: int = 0):
-    """Steps ``start + 1 .. args.iters``: report, validate, save (atomically) as asked."""
+    Returns:
+        ``TrainingLosses``: the train and validation reports, as given to the callback.
+    """
+    callback = callback or TrainingCallback()
+    losses = TrainingLosses()
     adapter_dir = Path(args.adapter_path)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
     step, state = make_step(model, optimizer, args.grad_accumulation_steps)
     batches = length_batches(train_set, args.batch_size)
     model.train()
-    sums, steps, tokens, seconds, trained, grad = mx.zeros(3), 0, 0, 0.0, 0, None
+    sums, steps, tokens, seconds, grad = mx.zeros(3), 0, 0, 0.0, None
     for it in range(start + 1, args.iters + 1):
         due = it == start + 1 or it % args.steps_per_eval == 0 or it == args.iters
         if valid_set and args.val_batches != 0 and due:
-            validate(model, it, args, valid_set, mask_id, pad_id)
+            tic = time.perf_counter()
+            loss, ar, mdm = evaluate(model, valid_set, args.batch_size, args.val_batches, mask_id, pad_id,
+                                     args.seed, args.ar_fraction)
+            model.train()
+            report = dict(iteration=it, iters=args.iters, loss=loss, ar=ar, mdm=mdm,
+                          seconds=time.perf_counter() - tic)
+            losses.val.append(report)
+            callback.on_val_loss_report(report)
         tic = time.perf_counter()
         mx.random.seed(args.seed * 1_000_003 + it)  # dropout masks depend on (seed, step) only: resumable
         indices = batch_for_step(batches, it, args.seed)
         rng = random.Random(f"{args.seed}:step:{it}")
         batch, ntok = make_batch(train_set, indices, mask_id, pad_id, rng, ar_fraction=args.ar_fraction)
-        losses, _, grad = step(batch, grad, it % args.grad_accumulation_steps == 0)
-        sums = sums + losses
+        step_losses, _, grad = step(batch, grad, it % args.grad_accumulation_steps == 0)
+        sums = sums + step_losses
         mx.eval(state, sums, grad)
         seconds += time.perf_counter() - tic
-        steps, tokens, trained = steps + 1, tokens + ntok, trained + ntok
+        steps, tokens, trained_tokens = steps + 1, tokens + ntok, trained_tokens + ntok
         if it % args.steps_per_report == 0 or it == args.iters:
-            report_train(it, args, sums, steps, tokens, seconds, optimizer, trained)
+            loss, ar, mdm = (sums / steps).tolist()
+            report = dict(iteration=it, iters=args.iters, loss=loss, ar=ar, mdm=mdm,
+                          learning_rate=optimizer.learning_rate.item(), iterations_per_second=steps / seconds,
+                          tokens_per_second=tokens / seconds, trained_tokens=trained_tokens,
+                          peak_memory=mx.get_peak_memory() / 1e9)
+            losses.train.append(report)
+            callback.on_train_loss_report(report)
             sums, steps, tokens, seconds = mx.zeros(3), 0, 0, 0.0
-        if it % args.save_every == 0 and it != args.iters:
-            save_adapters(adapter_dir, model, optimizer, it, numbered=True)
-            print(f"Iter {it}/{args.iters}: saved adapters to {adapter_dir / ADAPTER_FILE}", flush=True)
-    save_adapters(adapter_dir, model, optimizer, max(args.iters, start), numbered=False)
-    print(f"Saved final adapters to {adapter_dir / ADAPTER_FILE}", flush=True)
-
-
-def run_training(model, args, train_set, valid_set, mask_id: int, pad_id: int):
-    """Set up layers, optimizer, resume and the adapter folder; then train."""
-    from mlx_lm.tuner.utils import print_trainable_parameters
-
-    mx.random.seed(args.seed)
-    if args.grad_checkpoint and args.lora_parameters and args.lora_parameters["dropout"] > 0:
-        # The recomputed forward pass would draw new dropout masks: gradients of another network
-        print("[WARNING] --grad-checkpoint sets LoRA dropout to 0 (recomputing would redraw its masks)")
-        args.lora_parameters["dropout"] = 0.0
-    prepare_model(model, args)
-    optimizer = build_optimizer(args)
-    start = resume(model, optimizer, args.resume_adapter_file) if args.resume_adapter_file else 0
-    if start >= args.iters:
-        print(f"Already at step {start} of --iters {args.iters}: nothing to train")
-    print_trainable_parameters(model)
-    if args.grad_checkpoint:
-        checkpoint_blocks(model)
-    adapter_dir = Path(args.adapter_path)
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(adapter_dir / "adapter_config.json", adapter_config(args))
-    train(model, optimizer, train_set, valid_set, args, mask_id, pad_id, start)
-
-
-def run_test(model, args, test_set, mask_id: int, pad_id: int):
-    """Held-out loss on test.jsonl (seeded layouts)."""
-    loss, ar, mdm = evaluate(model, test_set, args.batch_size, args.test_batches, mask_id, pad_id,
-                             args.seed, args.ar_fraction)
-    print(f"Test loss {loss:.3f} (AR {ar:.3f}, MDM {mdm:.3f})")
-    return loss
+        if it % args.steps_per_save == 0 and it != args.iters:
+            save_adapters(adapter_dir, model, optimizer, it, True, trained_tokens)
+            callback.on_save(dict(iteration=it, iters=args.iters, path=adapter_dir / ADAPTER_FILE, final=False))
+    save_adapters(adapter_dir, model, optimizer, max(args.iters, start), False, trained_tokens)
+    callback.on_save(dict(iteration=max(args.iters, start), iters=args.iters, path=adapter_dir / ADAPTER_FILE,
+                          final=True))
+    return losses
