@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence
 
 from .cli import ArgumentParser, add_model_flags, run_command
 from .errors import RefusionError
-from .plot import plot, plot_backend
+from .plot import check_matplotlib, plot
 
 DEFAULT_SETTINGS = (
     "s=4,b=8,st=0.9,tt=0.9",  # cautious: small slots, strict verification
@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default: {' '.join(DEFAULT_SETTINGS)})")
     parser.add_argument("--max-tokens", type=int,
                         help="most tokens for every decoder (default: the model's own; 256 for the demo)")
-    parser.add_argument("--plot", help=f"write the speed-vs-accuracy figure here as PNG "
-                                       f"(drawn with: {plot_backend()})")
+    parser.add_argument("--plot", help="write the speed-vs-accuracy figure here as PNG (needs matplotlib: "
+                                       "the plot extra)")
     return parser
 
 
@@ -242,6 +242,8 @@ def check_args(args):
         raise RefusionError(f"--max-tokens must be positive, got {args.max_tokens}")
     if args.plot is not None and not Path(args.plot).expanduser().resolve().parent.is_dir():
         raise RefusionError(f"--plot: no folder {Path(args.plot).parent}")
+    if args.plot is not None:
+        check_matplotlib()
 
 
 def run(args) -> int:
@@ -271,7 +273,8 @@ def run(args) -> int:
     if families:
         print(families)
     if args.plot:
-        print(f"plot: {args.plot} ({plot(scores, args.plot)})")
+        plot(scores, args.plot)
+        print(f"plot: {args.plot}")
     return 0
 
 

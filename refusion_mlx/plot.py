@@ -1,48 +1,36 @@
-"""The speed-vs-accuracy figure: matplotlib when it is installed, else a small PNG writer of our own."""
+"""The speed-vs-accuracy figure, drawn with matplotlib (the ``plot`` extra)."""
 
-from pathlib import Path
-from typing import Sequence
-
-import numpy as np
+from typing import List, Sequence, Tuple
 
 from .errors import RefusionError
 
+MISSING = "--plot needs matplotlib: pip install 'refusion-mlx[plot]' (or pip install matplotlib)"
+# Where a point's number may go, in points from the point, tried in order until one is free.
+LABEL_OFFSETS = [(6, 6), (6, -14), (-16, 6), (-16, -14), (6, 18), (-16, 18), (6, -26), (-16, -26),
+                 (18, 0), (-28, 0)]
 
-def plot_backend() -> str:
-    """Which plotter draws the figure: matplotlib if importable, else our PNG writer (numpy + zlib)."""
+
+def check_matplotlib():
+    """Raise the one-line error when matplotlib is missing (before a long evaluation, not after)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        return "built-in PNG writer"
-    return "matplotlib"
+        raise RefusionError(MISSING) from None
 
 
-def plot(scores: Sequence, path: str) -> str:
-    """Speed (tokens/s) against accuracy of ``scores`` (evaluate.Score) as a PNG; returns the backend used."""
-    points = [(str(k), s.tokens_per_second, 100 * s.accuracy, k == 0) for k, s in enumerate(scores)]
-    backend = plot_backend()
-    try:
-        if backend == "matplotlib":
-            plot_matplotlib(points, path)
-        else:
-            write_png(path, scatter_image(points))
-    except OSError as e:
-        raise RefusionError(f"cannot write the plot {path}: {e.strerror or e}") from None
-    return backend
-
-
-def plot_matplotlib(points, path: str):
-    """The figure with matplotlib: left-to-right in red, plan-and-infill settings in blue, numbered."""
+def figure(points: Sequence[Tuple[str, float, float, bool]]):
+    """A matplotlib figure: left-to-right in red, plan-and-infill settings in blue, each numbered
+    by its table row; numbers are placed where they overlap neither each other nor the points."""
+    check_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
-    for label, x, y, is_ar in points:
+    for _, x, y, is_ar in points:
         ax.scatter([x], [y], s=60, color="tab:red" if is_ar else "tab:blue", zorder=3,
                    label=("left-to-right" if is_ar else None))
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6))
     ax.scatter([], [], color="tab:blue", label="plan-and-infill (numbers: table rows)")
     ax.set_xlabel("tokens/s")
     ax.set_ylabel("accuracy (%)")
@@ -51,96 +39,39 @@ def plot_matplotlib(points, path: str):
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    place_labels(fig, ax, points)
+    return fig
 
 
-# The fallback figure: a 3x5 pixel font, enough for tick values, axis titles and the legend.
-GLYPHS = dict(zip(
-    "0123456789.%/-:,=() ABCDEFGHIJKLMNOPQRSTUVWXYZ",
-    ("###,#.#,#.#,#.#,###", ".#.,##.,.#.,.#.,###", "###,..#,###,#..,###", "###,..#,.##,..#,###",
-     "#.#,#.#,###,..#,..#", "###,#..,###,..#,###", "###,#..,###,#.#,###", "###,..#,.#.,.#.,.#.",
-     "###,#.#,###,#.#,###", "###,#.#,###,..#,###", "...,...,...,...,.#.", "#.#,..#,.#.,#..,#.#",
-     "..#,..#,.#.,#..,#..", "...,...,###,...,...", "...,.#.,...,.#.,...", "...,...,...,.#.,#..",
-     "...,###,...,###,...", ".#.,#..,#..,#..,.#.", ".#.,..#,..#,..#,.#.", "...,...,...,...,...",
-     ".#.,#.#,###,#.#,#.#", "##.,#.#,##.,#.#,##.", "###,#..,#..,#..,###", "##.,#.#,#.#,#.#,##.",
-     "###,#..,##.,#..,###", "###,#..,##.,#..,#..", "###,#..,#.#,#.#,###", "#.#,#.#,###,#.#,#.#",
-     "###,.#.,.#.,.#.,###", "..#,..#,..#,#.#,###", "#.#,##.,#..,##.,#.#", "#..,#..,#..,#..,###",
-     "#.#,###,###,#.#,#.#", "##.,#.#,#.#,#.#,#.#", ".#.,#.#,#.#,#.#,.#.", "###,#.#,###,#..,#..",
-     ".#.,#.#,#.#,##.,.##", "##.,#.#,##.,#.#,#.#", ".##,#..,.#.,..#,##.", "###,.#.,.#.,.#.,.#.",
-     "#.#,#.#,#.#,#.#,###", "#.#,#.#,#.#,#.#,.#.", "#.#,#.#,###,###,#.#", "#.#,#.#,.#.,#.#,#.#",
-     "#.#,#.#,.#.,.#.,.#.", "###,..#,.#.,#..,###"),
-))
-LEGEND = "RED: LEFT-TO-RIGHT   BLUE N: TABLE ROW N"
-WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 640, 480, 70, 30, 30, 60
-BLUE, RED, GRID, BLACK = (31, 119, 180), (214, 39, 40), (225, 225, 225), (0, 0, 0)
+def place_labels(fig, ax, points):
+    """Annotate each point with the first offset whose box is clear of the labels and points so far."""
+    renderer = fig.canvas.get_renderer()
+    taken: List = [ax.transData.transform((x, y)) for _, x, y, _ in points]  # point centres, pixels
+    boxes = []
+    radius = 5  # a marker's half-size in pixels (s=60 points^2)
+    for label, x, y, _ in points:
+        for dx, dy in LABEL_OFFSETS:
+            text = ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy))
+            box = text.get_window_extent(renderer).expanded(1.1, 1.1)
+            clear = not any(box.overlaps(b) for b in boxes) and not any(
+                box.x0 - radius < px < box.x1 + radius and box.y0 - radius < py < box.y1 + radius
+                for px, py in taken)
+            if clear or (dx, dy) == LABEL_OFFSETS[-1]:
+                boxes.append(box)
+                break
+            text.remove()
 
 
-def draw_text(image, text: str, x: int, y: int, color=BLACK, scale: int = 2):
-    """Stamp ``text`` with its top-left corner at (x, y); unknown characters are left blank."""
-    for i, char in enumerate(text.upper()):
-        rows = GLYPHS.get(char, GLYPHS[" "]).split(",")
-        for r, row in enumerate(rows):
-            for c, bit in enumerate(row):
-                if bit == "#":
-                    top, left = y + r * scale, x + (4 * i + c) * scale
-                    image[max(top, 0):top + scale, max(left, 0):left + scale] = color
+def plot(scores: Sequence, path: str) -> str:
+    """Speed (tokens/s) against accuracy of ``scores`` (evaluate.Score), saved as a PNG."""
+    import matplotlib.pyplot as plt
 
-
-def nice_step(span: float) -> float:
-    """A 1-2-5 tick step giving about five ticks over ``span``."""
-    import math
-
-    raw = max(span, 1e-9) / 5
-    power = 10 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-
-
-def scatter_image(points) -> np.ndarray:
-    """RGB image of the scatter: axes, grid, ticks, numbered points (left-to-right in red)."""
-    image = np.full((HEIGHT, WIDTH, 3), 255, dtype=np.uint8)
-    x_max = max([p[1] for p in points] + [1e-9]) * 1.15
-    step = nice_step(x_max)
-    x_max = step * np.ceil(x_max / step)
-    width, height = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-
-    def to_pixel(x, y):
-        return LEFT + int(round(x / x_max * width)), TOP + height - int(round(y / 100 * height))
-
-    for k in range(int(round(x_max / step)) + 1):
-        px, _ = to_pixel(k * step, 0)
-        image[TOP:TOP + height, px] = GRID
-        label = f"{k * step:g}"
-        draw_text(image, label, px - 4 * len(label), TOP + height + 8)
-    for y in range(0, 101, 20):
-        _, py = to_pixel(0, y)
-        image[py, LEFT:LEFT + width] = GRID
-        draw_text(image, str(y), LEFT - 8 - 8 * len(str(y)), py - 5)
-    image[TOP:TOP + height + 1, LEFT] = BLACK
-    image[TOP + height, LEFT:LEFT + width + 1] = BLACK
-    draw_text(image, "TOKENS/S", LEFT + width // 2 - 32, HEIGHT - 24)
-    draw_text(image, "ACCURACY %", 8, 8)
-    draw_text(image, LEGEND, WIDTH - RIGHT - 8 * len(LEGEND), 8)
-    for label, x, y, is_ar in points:
-        px, py = to_pixel(x, y)
-        color = RED if is_ar else BLUE
-        image[max(py - 4, 0):py + 5, max(px - 4, 0):px + 5] = color
-        draw_text(image, "AR" if is_ar else label, px + 7, py - 14, color)
-    return image
-
-
-def write_png(path: str, image) -> None:
-    """Write an RGB uint8 array as a PNG (filter 0 on every row, one zlib stream)."""
-    import struct
-    import zlib
-
-    height, width, _ = image.shape
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, -1)], axis=1)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-           + chunk(b"IDAT", zlib.compress(raw.tobytes(), 9)) + chunk(b"IEND", b""))
-    Path(path).write_bytes(png)
+    points = [(str(k), s.tokens_per_second, 100 * s.accuracy, k == 0) for k, s in enumerate(scores)]
+    fig = figure(points)
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        raise RefusionError(f"cannot write the plot {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+    return "matplotlib"

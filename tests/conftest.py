@@ -14,6 +14,19 @@ sys.path.insert(0, str(ROOT / "examples" / "demo"))
 from checkpoints import tiny_config, write_checkpoint, write_tokenizer  # noqa: E402
 
 
+def oracle(name: str):
+    """Import a module of the ``oracle`` extra (torch, transformers).
+
+    Without the extra (the README's light test set-up) the tests that need it are skipped,
+    saying what to install; CI sets REFUSION_REQUIRE_ORACLE=1, and there a missing module fails.
+    """
+    if os.environ.get("REFUSION_REQUIRE_ORACLE"):
+        import importlib
+
+        return importlib.import_module(name)
+    return pytest.importorskip(name, reason=f"{name} missing: pip install -e '.[oracle]' for the oracle tests")
+
+
 def with_root_on_path() -> str:
     """PYTHONPATH for a child process: this checkout first, then whatever was there."""
     return os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)

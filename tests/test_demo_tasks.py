@@ -2,7 +2,7 @@
 
 import json
 import struct
-import zlib
+import sys
 
 import pytest
 
@@ -176,19 +176,25 @@ def test_evaluate_reads_any_training_format(tiny_demo_model, tmp_path, capsys):
     assert "2 examples" in out and "accuracy by family" not in out
 
 
-def test_png_writer_writes_what_it_is_given(tmp_path):
-    import numpy as np
+def test_close_points_get_labels_that_do_not_overlap():
+    from refusion_mlx.plot import figure
 
-    from refusion_mlx.plot import write_png
+    # Rows 3-6 of the CPU benchmark sit within a few tokens/s and a point of each other.
+    points = [("0", 303.9, 100.0, True), ("1", 975.2, 95.0, False), ("2", 691.6, 95.0, False),
+              ("3", 612.3, 94.0, False), ("4", 637.0, 94.0, False), ("5", 630.2, 94.0, False),
+              ("6", 620.3, 93.5, False)]
+    fig = figure(points)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == [p[0] for p in points]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
-    image = np.zeros((3, 2, 3), np.uint8)
-    image[1, 1] = (10, 20, 30)
-    write_png(tmp_path / "x.png", image)
-    data = (tmp_path / "x.png").read_bytes()
-    idat = data.index(b"IDAT")
-    size = struct.unpack(">I", data[idat - 4:idat])[0]
-    raw = np.frombuffer(zlib.decompress(data[idat + 4:idat + 4 + size]), np.uint8).reshape(3, 7)
-    assert (raw[:, 0] == 0).all() and (raw[:, 1:].reshape(3, 2, 3) == image).all()
+
+def test_plot_without_matplotlib_is_one_line(tiny_demo_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert evaluate_main(["--model", str(tiny_demo_model), "--plot", str(tmp_path / "f.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --plot needs matplotlib") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -4,12 +4,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import oracle
+
 from checkpoints import tiny_config, write_checkpoint
 from refusion_mlx import RefusionError, load_model
 from refusion_mlx.cache import SlotCache
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = oracle("torch")
+transformers = oracle("transformers")
 
 TOL = 1e-4
 
