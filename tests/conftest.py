@@ -1,6 +1,7 @@
 """Shared fixtures: tiny checkpoints written once per test session."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +31,13 @@ def oracle(name: str):
 def with_root_on_path() -> str:
     """PYTHONPATH for a child process: this checkout first, then whatever was there."""
     return os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
+
+
+def run_python(*args, stdin=None, **env):
+    """``python ARGS`` in a fresh process on this checkout; the CompletedProcess (text)."""
+    env = dict(os.environ, PYTHONPATH=with_root_on_path(), **env)
+    return subprocess.run([sys.executable, *args], input=stdin, capture_output=True, text=True, env=env,
+                          timeout=300)
 
 
 @pytest.fixture(scope="session")

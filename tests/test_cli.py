@@ -1,12 +1,10 @@
 """The command line, end to end, and its answers to bad input."""
 
 import io
-import os
-import subprocess
 import sys
 
 import pytest
-from conftest import with_root_on_path
+from conftest import run_python
 
 from checkpoints import tiny_config, write_checkpoint
 from refusion_mlx import generate, generate_ids, stream_generate
@@ -18,9 +16,7 @@ FAST = ["--max-tokens", "16", "--slot-size", "4", "--blocks", "2"]
 
 
 def run_cli(*args, stdin=None):
-    env = dict(os.environ, PYTHONPATH=with_root_on_path())
-    return subprocess.run([sys.executable, "-m", "refusion_mlx.generate", *args], input=stdin,
-                          capture_output=True, text=True, env=env, timeout=300)
+    return run_python("-m", "refusion_mlx.generate", *args, stdin=stdin)
 
 
 def test_cli_end_to_end_in_a_fresh_process(tiny_path):

@@ -7,17 +7,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import with_root_on_path
+from conftest import run_python, with_root_on_path
 
 from checkpoints import CORPUS, tiny_config, write_checkpoint, write_tokenizer
 
 FAST = ["--max-tokens", "16", "--slot-size", "4", "--blocks", "2"]
 
 
-def python(*args, stdin=None):
-    env = dict(os.environ, PYTHONPATH=with_root_on_path())
-    return subprocess.run([sys.executable, *args], input=stdin, capture_output=True, text=True, env=env,
-                          timeout=300)
+python = run_python
 
 
 def test_the_package_generate_is_the_function_even_after_importing_the_module():
