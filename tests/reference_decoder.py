@@ -1,4 +1,4 @@
-"""A deliberately plain plan-and-infill decoder, written from shared/plan-and-infill.md.
+"""A deliberately plain plan-and-infill decoder, written from upstream's semantics (docs/decoding.md).
 
 No KV cache at all: every forward recomputes the whole sequence from scratch, and
 each infill row is its own sequence. What a cache would remember is kept as an
