@@ -89,7 +89,8 @@ def warn_if_slow_blas() -> None:
         return
     rate = measured_gflops()
     if rate < SLOW_GFLOPS:
-        print(f"{WARNING} ({rate:.0f} GFLOP/s; {_state['why']}): {_fix()}", file=sys.stderr)
+        why = f"{_state['loaded']} was preloaded; a busy machine?" if _state["loaded"] else _state["why"]
+        print(f"{WARNING} ({rate:.0f} GFLOP/s; {why}): {_fix()}", file=sys.stderr)
 
 
 def measured_gflops() -> float:
@@ -146,17 +147,26 @@ def _global_gemm() -> Optional[int]:
     return ctypes.cast(getattr(ctypes.CDLL(None), "cblas_sgemm", None), ctypes.c_void_p).value
 
 
-def _gflops(n: int = 256, repeats: int = 5) -> float:
-    """GFLOP/s of an n*n*n float32 product on MLX's CPU device (best of ``repeats``)."""
+def _gflops(n: int = 256, repeats: int = 5, tries: int = 5) -> float:
+    """GFLOP/s of an n*n*n float32 product on MLX's CPU device, the best seen.
+
+    A machine busy with other work slows a multithreaded BLAS down by 10x at times, so a slow
+    reading is retried a few times, 50 ms apart, before it counts (the reference BLAS never
+    comes near the threshold, so this only costs time where the answer is "slow").
+    """
     import mlx.core as mx
 
     a = mx.random.normal((n, n), stream=mx.cpu)
     mx.eval(mx.matmul(a, a, stream=mx.cpu))  # warm-up
     best = float("inf")
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        mx.eval(mx.matmul(a, a, stream=mx.cpu))
-        best = min(best, time.perf_counter() - tic)
+    for attempt in range(tries):
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            mx.eval(mx.matmul(a, a, stream=mx.cpu))
+            best = min(best, time.perf_counter() - tic)
+        if 2 * n**3 / best / 1e9 >= SLOW_GFLOPS:
+            break
+        time.sleep(0.05)
     return 2 * n**3 / best / 1e9
 
 
