@@ -81,7 +81,7 @@ def fuse(model_path: str, adapter_path: str, save_path: str, dequantize: bool = 
     source = resolve_path(model_path)
     target = Path(save_path).expanduser()
     check_save_path(target, source)
-    model, tokenizer = load(source, adapter_path=adapter_path)
+    model, tokenizer = load(source, adapter_path=adapter_path, for_cpu=False)  # saved as stored
     fuse_layers(model, dequantize)
     if dequantize:
         model = dequantize_model(model)

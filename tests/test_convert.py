@@ -349,3 +349,22 @@ def test_launcher_in_a_fresh_process_prints_no_traceback(tmp_path, monkeypatch):
                           timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
+
+
+def test_quantized_model_is_prepared_for_the_cpu_without_changing_its_outputs(tmp_path, source, prompt):
+    """On the CPU: float16 scales become float32, several-token products go through BLAS, and the
+    logits stay what the stored model gives; ``for_cpu=False`` keeps the checkpoint as stored."""
+    import mlx.nn as nn
+    from refusion_mlx.loading import CPUQuantizedEmbedding, CPUQuantizedLinear
+
+    folder = quiet_convert(source, tmp_path / "q4h", quantize=True, q_bits=4, dtype="float16")
+    stored = load_model(folder, for_cpu=False)
+    prepared = load_model(folder)
+    layer, stored_layer = prepared.layers[0].mlp.gate_proj, stored.layers[0].mlp.gate_proj
+    assert type(stored_layer) is nn.QuantizedLinear and stored_layer.scales.dtype == mx.float16
+    assert isinstance(layer, CPUQuantizedLinear) and layer.scales.dtype == mx.float32
+    assert isinstance(prepared.model.embed_tokens, CPUQuantizedEmbedding)
+    exact = load_model(folder, dtype="float32", for_cpu=False)  # the same weights, float32 math, no BLAS
+    for ids in (prompt, prompt[:2]):  # BLAS for many tokens, the quantized product for few
+        np.testing.assert_allclose(np.array(logits(prepared, ids)), np.array(logits(exact, ids)), atol=1e-4)
+    assert top1_agreement(logits(prepared, prompt), logits(stored, prompt)) > 0.95
