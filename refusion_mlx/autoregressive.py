@@ -15,6 +15,7 @@ from .cache import SlotCache
 from .decode import GenerationResult, resolve_eos
 from .errors import RefusionError
 from .sampling import draft_tokens
+from .validation import check_eos, check_float, check_int, check_seed, check_token_ids
 
 
 def generate_ar_ids(
@@ -27,11 +28,12 @@ def generate_ar_ids(
     eos_token_id: Union[None, int, Iterable[int]] = None,
 ) -> GenerationResult:
     """Generate up to ``max_tokens`` ids left to right; stops after the first EOS."""
-    prompt_ids = [int(t) for t in prompt_ids]
+    prompt_ids = check_token_ids("prompt_ids", prompt_ids, model.args.vocab_size)
     if not prompt_ids:
         raise RefusionError("the prompt is empty")
-    if max_tokens <= 0:
-        raise RefusionError(f"max_tokens must be positive, got {max_tokens}")
+    max_tokens = check_int("max_tokens", max_tokens, 1)
+    temperature, seed = check_float("temperature", temperature, minimum=0.0), check_seed("seed", seed)
+    eos_token_id = check_eos("eos_token_id", eos_token_id)
     total = len(prompt_ids) + max_tokens
     if total > model.args.max_position_embeddings:
         raise RefusionError(

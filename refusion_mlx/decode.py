@@ -30,6 +30,7 @@ from .cache import CacheView, SlotCache
 from .errors import RefusionError
 from .sampling import draft_tokens, next_token_probability, probability_of
 from .tokenizer_utils import resolve_mask_id
+from .validation import check_eos, check_float, check_int, check_seed, check_token_id, check_token_ids
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,11 @@ class DecodeSettings:
     def validate(self):
         """Raise RefusionError (naming the argument) for knobs that cannot work."""
         for name in ("gen_length", "slot_size", "serial_num_blocks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise RefusionError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         for name in ("slot_threshold", "token_threshold"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise RefusionError(f"{name} must be in [0, 1], got {value}")
-        if self.temperature < 0:
-            raise RefusionError(f"temperature must be >= 0, got {self.temperature}")
+            check_float(name, getattr(self, name), 0.0, 1.0)
+        check_float("temperature", self.temperature, minimum=0.0)
+        check_seed("seed", self.seed)
 
 
 KNOBS = ("gen_length", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold")
@@ -362,9 +359,12 @@ def start_state(model, prompt_ids: Sequence[int], settings: DecodeSettings,
                 mask_id: Optional[int], eos_token_id) -> DecodeState:
     """Validate the request and set up the cache and counters for one generation."""
     settings.validate()
-    prompt_ids = [int(t) for t in prompt_ids]
+    prompt_ids = check_token_ids("prompt_ids", prompt_ids)
     if not prompt_ids:
         raise RefusionError("the prompt is empty")
+    if mask_id is not None:
+        check_token_id("mask_id", mask_id, model.args.vocab_size)
+    eos_token_id = check_eos("eos_token_id", eos_token_id)
     limit = model.args.max_position_embeddings
     if len(prompt_ids) + settings.gen_length > limit:
         raise RefusionError(
@@ -491,6 +491,7 @@ def generate_ids(
         A ``GenerationResult``: the tokens in position order, up to and including the first
         EOS, and what they cost (model calls, tokens fed, TPF, time, peak memory).
     """
+    prompt_ids = check_token_ids("prompt_ids", prompt_ids)
     settings = settings_for(model, len(prompt_ids), preset=preset, gen_length=gen_length, slot_size=slot_size,
                             serial_num_blocks=serial_num_blocks, slot_threshold=slot_threshold,
                             token_threshold=token_threshold, temperature=temperature, seed=seed)

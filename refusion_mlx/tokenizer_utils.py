@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 from .errors import RefusionError
+from .validation import check_text, check_token_ids
 
 MASK_TOKEN = "<|mask|>"
 
@@ -71,8 +72,12 @@ def prompt_ids(tokenizer, prompt: Union[str, Sequence[int], List[dict]], system_
     """
     if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(m, dict)
                                                                                        for m in prompt)):
-        return [int(t) for t in prompt]
+        return check_token_ids("prompt", prompt)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    for message in messages:
+        check_text("prompt", message.get("content"))
+    if system_prompt is not None:
+        check_text("system_prompt", system_prompt)
     if not any(m["content"].strip() for m in messages):
         raise RefusionError("the prompt is empty")
     if system_prompt:
