@@ -7,6 +7,7 @@ folder into one clear line.
 """
 
 import json
+import sys
 from pathlib import Path
 from types import MappingProxyType
 from typing import Optional, Tuple, Union
@@ -16,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from .errors import RefusionError
+from .validation import check_bool, check_eos, check_float, check_int, check_path, check_token_id, one_line
 from .model import Model, ModelArgs
 from .tokenizer_utils import MASK_TOKEN, mask_token_in_files
 from .utils import DTYPES
@@ -74,30 +76,87 @@ def _download(repo_id: str, revision: Optional[str]) -> Path:
 
 
 def read_config(path: Path) -> dict:
-    """config.json as a dict, checked for a supported model type."""
+    """config.json as a dict, checked: a supported model type, no custom code, fields of the right types."""
     config_file = path / "config.json"
-    if not config_file.exists():
+    if not config_file.is_file():
         raise RefusionError(f"no config.json in {path}")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RefusionError(f"{config_file} is not valid JSON ({e})") from None
+    config = read_json_object(config_file)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise RefusionError(f"unsupported model_type {model_type!r} in {config_file} (expected qwen3)")
     if "model_file" in config:
         raise RefusionError(f"{config_file} asks to run custom code ({config['model_file']}); refusing")
+    if "auto_map" in config and model_type != "qwen3":
+        # transformers knows qwen3 and never needs the folder's code for it; any other type would
+        # be built by the .py files auto_map points at. Code from a checkpoint is never run here.
+        raise RefusionError(f"{config_file} maps model_type {model_type!r} to code in the folder (auto_map); "
+                            "code from a checkpoint is never run (a ReFusion checkpoint is model_type qwen3)")
+    check_config_fields(config, config_file)
     return config
+
+
+def read_json_object(file: Path) -> dict:
+    """A JSON file that must hold an object (not a list, a number or null)."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RefusionError(f"{file} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise RefusionError(f"cannot read {file}: {e.strerror or e}") from None
+    if not isinstance(value, dict):
+        raise RefusionError(f"{file} must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def check_config_fields(config: dict, config_file: Path):
+    """The fields the model reads, with the types and ranges it needs (one line naming the field)."""
+    def field(name, check, required=False):
+        if config.get(name) is None:
+            if required:
+                raise RefusionError(f"{config_file} has no {name}")
+            return
+        try:
+            check(name, config[name])
+        except RefusionError as e:
+            raise RefusionError(f"{config_file}: {e}") from None
+
+    for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size"):
+        field(name, lambda n, v: check_int(n, v, 1), required=True)
+    field("rms_norm_eps", lambda n, v: check_float(n, v, positive=True), required=True)
+    for name in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        field(name, lambda n, v: check_int(n, v, 1))
+    field("rope_theta", lambda n, v: check_float(n, v, positive=True))
+    for name in ("tie_word_embeddings", "attention_bias"):
+        field(name, check_bool)
+    field("rope_scaling", check_rope_scaling)
+    field("quantization", check_quantization)
+    vocab = config["vocab_size"]
+    field("mask_token_id", lambda n, v: check_token_id(n, v, vocab))
+    field("eos_token_id", lambda n, v: check_eos(n, v, vocab))
+
+
+def check_rope_scaling(name: str, value):
+    if not isinstance(value, dict):
+        raise RefusionError(f"{name} must be an object or null, got {value!r}")
+    if (value.get("rope_type") or value.get("type")) == "linear":
+        check_float(f"{name}.factor", value.get("factor"), positive=True)
+
+
+def check_quantization(name: str, value):
+    if not isinstance(value, dict):
+        raise RefusionError(f"{name} must be an object with bits and group_size")
+    check_int(f"{name}.bits", value.get("bits"), 1, 8)
+    check_int(f"{name}.group_size", value.get("group_size"), 1)
 
 
 def check_weight_files(path: Path):
     """Make sure the safetensors the folder promises are there; refuse pickled weights."""
     index_file = path / "model.safetensors.index.json"
     if index_file.exists():
-        try:
-            shards = set(json.loads(index_file.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise RefusionError(f"{index_file} is not a valid safetensors index ({e})") from None
+        weight_map = read_json_object(index_file).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise RefusionError(f"{index_file} is not a valid safetensors index (no weight_map of file names)")
+        shards = set(weight_map.values())
         missing = sorted(s for s in shards if not (path / s).exists())
         if missing:
             raise RefusionError(f"missing weight shard listed in {index_file.name}: {missing[0]}")
@@ -201,16 +260,30 @@ def cast_floating(model: nn.Module, dtype: str):
                           model.parameters()))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
+
+
 def load_tokenizer(path: Path, model: Model):
-    """mlx-lm's TokenizerWrapper for the folder, with EOS ids from the config."""
+    """mlx-lm's TokenizerWrapper for the folder, with EOS ids from the config; never runs the folder's code."""
     from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
+    # Without these files transformers quietly builds an empty tokenizer.
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise RefusionError(f"no tokenizer files in {path} (expected one of {', '.join(TOKENIZER_FILES)})")
+    tokenizer_config = path / "tokenizer_config.json"
+    if tokenizer_config.is_file() and "auto_map" in read_json_object(tokenizer_config):
+        raise RefusionError(f"{tokenizer_config} points at tokenizer code in the folder (auto_map); "
+                            "code from a checkpoint is never run")
     eos = model.args.eos_token_id
     try:
-        return mlx_lm_load_tokenizer(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RefusionError(f"cannot load the tokenizer from {path}: {first}") from None
+        # trust_remote_code=False: transformers refuses custom code instead of asking on stdin.
+        tokenizer = mlx_lm_load_tokenizer(path, tokenizer_config_extra={"trust_remote_code": False},
+                                          eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError, json.JSONDecodeError) as e:
+        raise RefusionError(f"cannot load the tokenizer from {path}: {one_line(e)}") from None
+    # Our own check against max_position_embeddings replaces transformers' length warning.
+    tokenizer._tokenizer.model_max_length = sys.maxsize
+    return tokenizer
 
 
 def read_generation_config(path: Path) -> dict:
@@ -270,6 +343,12 @@ def load(
         else the tokenizer's ``<|mask|>``) and the model's own decoding defaults, and mlx-lm's
         ``TokenizerWrapper``.
     """
+    check_path("path_or_repo", path_or_repo, optional=True)
+    adapter_path = check_path("adapter_path", adapter_path, optional=True)
+    if dtype is not None and dtype not in DTYPES:
+        raise RefusionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise RefusionError(f"revision must be a branch, tag or commit name, got {revision!r}")
     path = resolve_path(path_or_repo, revision)
     if dtype is None and path == DEMO_MODEL_PATH:
         dtype = "float32"  # shipped as float16 to stay small; float32 is fast on every device
@@ -286,15 +365,52 @@ def load(
     return model, tokenizer
 
 
+def check_adapter_config(config_file: Path) -> dict:
+    """adapter_config.json as mlx-lm's ``load_adapters`` reads it, checked field by field."""
+    config = read_json_object(config_file)
+    kind = config.get("fine_tune_type", "lora")
+    if kind not in ("lora", "dora", "full"):
+        raise RefusionError(f"{config_file}: fine_tune_type must be lora, dora or full, got {kind!r}")
+    if kind == "full":
+        return config
+    if "num_layers" not in config:
+        raise RefusionError(f"{config_file} has no num_layers")
+    params = config.get("lora_parameters")
+    if not isinstance(params, dict):
+        raise RefusionError(f"{config_file}: lora_parameters must be an object with rank, scale and dropout")
+    try:
+        check_int("num_layers", config["num_layers"], -1)
+        check_int("lora_parameters.rank", params.get("rank"), 1)
+        check_float("lora_parameters.scale", params.get("scale"))
+        check_float("lora_parameters.dropout", params.get("dropout", 0.0), 0.0, 1.0)
+        keys = params.get("keys")
+        if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
+            raise RefusionError(f"lora_parameters.keys must be a list of layer names, got {keys!r}")
+    except RefusionError as e:
+        raise RefusionError(f"{config_file}: {e}") from None
+    return config
+
+
 def load_adapters(model: Model, adapter_path: Union[str, Path]):
     """Apply fine-tuned adapters saved in mlx-lm's layout (adapter_config.json + adapters.safetensors)."""
     from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
 
     adapter_path = Path(adapter_path)
-    if not (adapter_path / "adapter_config.json").exists():
+    if not (adapter_path / "adapter_config.json").is_file():
         raise RefusionError(f"no adapter_config.json in {adapter_path}")
+    check_adapter_config(adapter_path / "adapter_config.json")
+    if not (adapter_path / "adapters.safetensors").is_file():
+        raise RefusionError(f"no adapters.safetensors in {adapter_path}")
     try:
         mlx_lm_load_adapters(model, str(adapter_path))
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise RefusionError(f"cannot load adapters from {adapter_path}: {e}") from None
+    except (ValueError, OSError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+        # mlx-lm lists every mismatched tensor, one per line; the first says what is wrong.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[0] if lines else type(e).__name__
+        if len(lines) > 2:
+            detail += f" ({lines[1]}, and {len(lines) - 2} more)"
+        elif len(lines) == 2:
+            detail += f" ({lines[1]})"
+        raise RefusionError(f"cannot load adapters from {adapter_path}: {one_line(ValueError(detail))} "
+                            "(adapters trained on another base model?)") from None
     model.eval()
