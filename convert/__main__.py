@@ -2,6 +2,10 @@
 
 import sys
 
-from refusion_mlx.convert import main
+try:
+    from refusion_mlx.convert import main
+except KeyboardInterrupt:  # Ctrl-C while importing: one line, as once running
+    print("interrupted; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -3,15 +3,18 @@
 import sys
 import types
 
-# Before anything imports mlx.core: on Linux, load an optimized BLAS for MLX's CPU backend.
-from .blas import use_fast_blas
+from .errors import quiet_interrupt, started_as_command
 
-use_fast_blas()
+with quiet_interrupt(started_as_command()):
+    # Before anything imports mlx.core: on Linux, load an optimized BLAS for MLX's CPU backend.
+    from .blas import use_fast_blas
 
-from .autoregressive import generate_ar_ids  # noqa: E402
-from .decode import DecodeSettings, GenerationResult, generate_ids  # noqa: E402
-from .errors import RefusionError  # noqa: E402
-from .loading import load, load_model  # noqa: E402
+    use_fast_blas()
+
+    from .autoregressive import generate_ar_ids
+    from .decode import DecodeSettings, GenerationResult, generate_ids
+    from .errors import RefusionError
+    from .loading import load, load_model
 
 # ``generate`` is both a function and the module that holds it and its command line, as in
 # mlx-lm. The module is imported on first use, not here: ``python -m refusion_mlx.generate``

@@ -127,4 +127,6 @@ def read_prompt(prompt: str) -> str:
     """The prompt flag's value; ``-`` reads standard input, without the newline ``echo`` ends it with."""
     if prompt != "-":
         return prompt
-    return sys.stdin.read().rstrip("\r\n")
+    from .validation import read_utf8_stdin
+
+    return read_utf8_stdin().rstrip("\r\n")
