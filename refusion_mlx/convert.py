@@ -33,7 +33,8 @@ from mlx.utils import tree_flatten
 from .cli import ArgumentParser, run_command
 from .errors import RefusionError
 from .tokenizer_utils import MASK_TOKEN, mask_token_in_files
-from .utils import DTYPES, atomic_folder
+from .utils import DTYPES, atomic_folder, remove_stale_temporaries
+from .validation import one_line
 
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
@@ -74,12 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def one_line(e: BaseException) -> str:
-    """An exception's message squeezed onto one short line."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def parse_size(text: str) -> int:
     """'5GB', '500MB', '2GiB' or a byte count, as bytes (GB = 10**9, as huggingface_hub counts)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
@@ -114,19 +109,21 @@ def recipe_bits(recipe: str) -> int:
 
 def check_safetensors(file: Path):
     """Parse a safetensors header and make sure the file holds every byte it promises."""
-    size = file.stat().st_size
     try:
+        size = file.stat().st_size
         with open(file, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > size - 8:
                 raise ValueError(f"header of {n} bytes in a {size}-byte file")
             header = json.loads(f.read(n))
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        end = 8 + n + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except OSError as e:  # unreadable: permissions, a folder of that name, an I/O error
+        raise RefusionError(f"cannot read {file.name}: {one_line(e)}") from None
     except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # JSON errors too
         raise RefusionError(f"{file.name} is not a valid safetensors file (corrupt header: {one_line(e)})") \
             from None
-    if 8 + n + max(ends, default=0) > size:
-        raise RefusionError(f"{file.name} is truncated ({size} bytes, header promises {8 + n + max(ends)})")
+    if end > size:
+        raise RefusionError(f"{file.name} is truncated ({size} bytes, header promises {end})")
 
 
 def check_source(path: Path) -> dict:
@@ -341,10 +338,11 @@ def write_model_card(folder: Path, name: str, base_model: Optional[str], weights
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").save(folder / "README.md")
 
 
-def write_atomically(target: Path, write: Callable[[Path], None]):
-    """Write the folder with ``utils.atomic_folder``; an OS failure is one clear line."""
+def write_atomically(target: Path, write: Callable[[Path], None], replace: bool):
+    """Write the folder with ``utils.atomic_folder`` (``replace``: the target held a model when the
+    run started and --force was given); an OS failure is one clear line."""
     try:
-        atomic_folder(target, write)
+        atomic_folder(target, write, replace)
     except (OSError, RuntimeError) as e:  # full disk, unreadable shard, permissions
         raise RefusionError(f"cannot write {target}: {one_line(e)}") from None
 
@@ -373,7 +371,10 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", *, quantize: bool = False
 
     check_options(quantize, dequantize, q_bits, q_group_size, quant_recipe, upload_repo)
     max_bytes = parse_size(max_shard_size)
-    target = check_target(Path(mlx_path).expanduser(), force)  # before a long download
+    target = Path(mlx_path).expanduser()
+    remove_stale_temporaries(target)  # first: a folder a killed run moved aside is put back
+    target = check_target(target, force)  # before a long download
+    existed = target.exists()
     source = resolve_path(hf_path, revision)
     if target.resolve() == source.resolve():
         raise RefusionError("--mlx-path is the source folder; choose another")
@@ -394,7 +395,7 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", *, quantize: bool = False
         copy_tokenizer(source, folder)
         write_model_card(folder, upload_repo or target.name, base_model, describe(config, quant_recipe))
 
-    write_atomically(target, write)
+    write_atomically(target, write, replace=existed)
     if upload_repo is not None:
         upload(target, upload_repo)
     return target

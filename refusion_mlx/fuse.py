@@ -18,7 +18,8 @@ from mlx.utils import tree_unflatten
 
 from .cli import ArgumentParser, run_command
 from .errors import RefusionError
-from .utils import atomic_folder
+from .utils import atomic_folder, remove_stale_temporaries
+from .validation import one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,13 +81,19 @@ def fuse(model_path: str, adapter_path: str, save_path: str, dequantize: bool = 
 
     source = resolve_path(model_path)
     target = Path(save_path).expanduser()
+    remove_stale_temporaries(target)
     check_save_path(target, source)
+    existed = target.exists()
     model, tokenizer = load(source, adapter_path=adapter_path, for_cpu=False)  # saved as stored
     fuse_layers(model, dequantize)
     if dequantize:
         model = dequantize_model(model)
     config = fused_config(source, dequantize)
-    atomic_folder(target, lambda folder: write_model(folder, model, tokenizer, config, source))
+    try:
+        atomic_folder(target, lambda folder: write_model(folder, model, tokenizer, config, source),
+                      replace=existed)
+    except (OSError, RuntimeError) as e:  # under a file, read-only, /proc, full disk (MLX: RuntimeError)
+        raise RefusionError(f"cannot write --save-path {target}: {one_line(e)}") from None
     return target
 
 

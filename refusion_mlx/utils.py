@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Tuple
@@ -35,11 +36,14 @@ def atomic_write_json(path: Path, obj):
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=4)))
 
 
-def atomic_folder(target: Path, write: Callable[[Path], None]):
-    """Call ``write(tmp)`` on a fresh folder beside ``target``, then swap it into place.
+def atomic_folder(target: Path, write: Callable[[Path], None], replace: bool = True):
+    """Call ``write(tmp)`` on a fresh folder beside ``target``, then move it into place.
 
     A folder already at ``target`` is replaced only once the new one is whole, so an
-    interrupted run never leaves a folder that looks complete.
+    interrupted run never leaves a folder that looks complete; and only when ``replace``
+    (the caller saw it when the run started). A new target is claimed with ``os.mkdir``,
+    which is atomic: of two runs racing for the same new folder exactly one wins, and the
+    other fails with one line, leaving the winner's folder alone.
     """
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -47,16 +51,58 @@ def atomic_folder(target: Path, write: Callable[[Path], None]):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         write(tmp)
-        if target.exists():
+        if replace and target.exists():
+            if not target.is_dir() or (any(target.iterdir()) and not (target / "config.json").exists()):
+                raise RefusionError(f"{target} is no longer a model folder; not replacing it")
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
+            return
+        try:
+            os.mkdir(target)
+        except FileExistsError:
+            raise RefusionError(f"{target} appeared while this run was writing (another run?); "
+                                "left it as it is and discarded this run's output") from None
+        os.rename(tmp, target)  # onto the empty folder just claimed
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(target: Path):
+    """Clean up after runs that were killed: their ``.name.tmp-PID`` folders are removed, and a
+    ``.name.old-PID`` (killed mid-swap) is put back if the target is missing, else removed.
+    Folders of processes still alive are left alone."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-(\d+)")
+    if not target.parent.is_dir():
+        return
+    for folder in sorted(target.parent.iterdir()):
+        found = pattern.fullmatch(folder.name)
+        if not found or not folder.is_dir() or process_alive(int(found.group(2))):
+            continue
+        if found.group(1) == "old" and not target.exists():
+            os.rename(folder, target)
+            print(f"restored {target} from {folder.name} (a killed run had moved it aside)")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"removed {folder.name} (left behind by a killed run)")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    except OSError:
+        return False
+    return True
 
 
 def read_jsonl(path: Path) -> Iterator[Tuple[str, object]]:
