@@ -11,6 +11,7 @@ stopped (``trainer.py``); this module only reads the options and calls them.
 """
 
 import argparse
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Optional, Sequence
 from .cli import ArgumentParser, run_command
 from .errors import RefusionError
 from .tuner.utils import LORA_DEFAULTS, OPTIMIZERS
+from .validation import check_bool, check_float, check_int, check_path, check_seed, one_line
 CONFIG_DEFAULTS = {
     "model": None, "train": False, "test": False, "data": None, "fine_tune_type": "lora",
     "optimizer": "adam", "optimizer_config": {}, "lr_schedule": None, "seed": 0, "num_layers": -1,
@@ -101,17 +103,22 @@ def resolve_args(argv: Optional[Sequence[str]] = None) -> types.SimpleNamespace:
 
 def lora_parameters(args) -> dict:
     """rank / alpha / scale / dropout / keys from flags, then YAML, then upstream's defaults."""
-    given = dict(args.lora_parameters or {})
+    given = args.lora_parameters or {}
+    if not isinstance(given, dict):
+        raise RefusionError(f"lora_parameters must be a mapping (rank, alpha, dropout, keys), got {given!r}")
     params = {**LORA_DEFAULTS, **given}
     flags = {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
              "keys": args.lora_keys.split(",") if args.lora_keys else None}
     params.update({k: v for k, v in flags.items() if v is not None})
+    check_int("LoRA rank", params["rank"], 1)
     if "scale" in given and "alpha" not in given and args.lora_alpha is None:
-        params["alpha"] = given["scale"] * given.get("rank", LORA_DEFAULTS["rank"])
-    if not isinstance(params["rank"], int) or params["rank"] < 1:
-        raise RefusionError(f"LoRA rank must be a positive integer, got {params['rank']!r}")
-    if not 0 <= params["dropout"] < 1:
-        raise RefusionError(f"LoRA dropout must be in [0, 1), got {params['dropout']}")
+        params["alpha"] = check_float("LoRA scale", given["scale"]) * params["rank"]
+    check_float("LoRA alpha", params["alpha"])
+    if check_float("LoRA dropout", params["dropout"], 0.0, 1.0) == 1.0:
+        raise RefusionError("LoRA dropout must be below 1, got 1.0")
+    keys = params["keys"]
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
+        raise RefusionError(f"LoRA keys must be a list of layer names, got {keys!r}")
     # mlx-lm's LoRA layers take scale (PEFT's alpha / r)
     params["scale"] = float(params["alpha"]) / params["rank"]
     return params
@@ -125,17 +132,24 @@ def check_args(args):
         raise RefusionError("nothing to do: pass --train and/or --test")
     if not args.data:
         raise RefusionError("--data is required")
-    positive = ["batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every",
-                "grad_accumulation_steps"]
-    for name in positive:
-        if not isinstance(getattr(args, name), int) or getattr(args, name) < 1:
-            raise RefusionError(f"--{name.replace('_', '-')} must be a positive integer")
-    if args.max_seq_length < 2:
-        raise RefusionError("--max-seq-length must be at least 2")
-    if not args.learning_rate > 0:
-        raise RefusionError("--learning-rate must be positive")
-    if not 0 <= args.ar_fraction <= 1:
-        raise RefusionError(f"--ar-fraction must be in [0, 1], got {args.ar_fraction}")
+    for name in ["batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every",
+                 "grad_accumulation_steps"]:
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), 1)
+    for name in ["val_batches", "test_batches", "num_layers"]:
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), -1)
+    check_int("--max-seq-length", args.max_seq_length, 2)
+    check_seed("--seed", args.seed)
+    check_float("--learning-rate", args.learning_rate, positive=True)
+    check_float("--ar-fraction", args.ar_fraction, 0.0, 1.0)
+    for name in ["model", "data", "adapter_path"]:
+        check_path(f"--{name.replace('_', '-')}", getattr(args, name))
+    check_path("--resume-adapter-file", args.resume_adapter_file, optional=True)
+    for name in ["train", "test", "grad_checkpoint"]:
+        check_bool(name, getattr(args, name))
+    for name in ["optimizer_config", "lr_schedule"]:
+        value = getattr(args, name)
+        if value is not None and not isinstance(value, dict):
+            raise RefusionError(f"{name} must be a mapping, got {value!r}")
     if args.fine_tune_type not in ("lora", "dora", "full"):
         raise RefusionError(f"unknown fine_tune_type {args.fine_tune_type!r}")
     if str(args.optimizer).lower() not in OPTIMIZERS:
@@ -168,7 +182,7 @@ def train_model(args, model, train_set, valid_set, mask_id: int, pad_id: int, ca
     import mlx.core as mx
     from mlx_lm.tuner.utils import print_trainable_parameters
 
-    from .tuner.trainer import PrintReports, resume, train
+    from .tuner.trainer import ADAPTER_FILE, PrintReports, resume, train
     from .tuner.utils import build_optimizer, checkpoint_blocks, prepare_model
     from .utils import atomic_write_json
 
@@ -187,10 +201,20 @@ def train_model(args, model, train_set, valid_set, mask_id: int, pad_id: int, ca
     if args.grad_checkpoint:
         checkpoint_blocks(model)
     adapter_dir = Path(args.adapter_path)
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(adapter_dir / "adapter_config.json", adapter_config(args))
-    return train(model, optimizer, train_set, valid_set, training_args(args), mask_id, pad_id, start, trained,
-                 callback or PrintReports())
+    created = not adapter_dir.exists()
+    try:
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(adapter_dir / "adapter_config.json", adapter_config(args))
+    except OSError as e:  # under a file, read-only, /proc, full disk
+        raise RefusionError(f"cannot write --adapter-path {adapter_dir}: {one_line(e)}") from None
+    try:
+        return train(model, optimizer, train_set, valid_set, training_args(args), mask_id, pad_id, start, trained,
+                     callback or PrintReports())
+    except BaseException:
+        # A run that saved nothing leaves nothing: no folder holding only a config.
+        if created and not (adapter_dir / ADAPTER_FILE).exists():
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+        raise
 
 
 def evaluate_model(args, model, test_set, mask_id: int, pad_id: int) -> float:
@@ -207,7 +231,7 @@ def run(args) -> int:
     """Load model and data; train and/or test."""
     from .blas import warn_if_slow_blas
     from .loading import load
-    from .tuner.datasets import load_datasets
+    from .tuner.datasets import check_vocabulary, load_datasets
 
     print("Loading pretrained model", flush=True)
     adapters = args.adapter_path if args.test and not args.train and args.adapter_path else None
@@ -217,6 +241,8 @@ def run(args) -> int:
     print("Loading datasets", flush=True)
     train_set, valid_set, test_set = load_datasets(args.data, tokenizer, args.max_seq_length,
                                                    bool(args.train), bool(args.test))
+    check_vocabulary(model.args.vocab_size, {"train.jsonl": train_set, "valid.jsonl": valid_set,
+                                             "test.jsonl": test_set}, {"mask": mask_id, "pad": pad_id})
     warn_if_slow_blas()  # only once the input has proved good: bad input stays one line
     if args.train:
         train_model(args, model, train_set, valid_set, mask_id, pad_id)

@@ -40,7 +40,7 @@ def check_int(name: str, value, minimum: Optional[int] = None, maximum: Optional
         raise RefusionError(f"{name} must be an integer, got {_shown(value)}")
     value = operator.index(value)
     if minimum is not None and value < minimum:
-        bound = "positive" if minimum == 1 else f">= {minimum}"
+        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise RefusionError(f"{name} must be {bound}, got {value}")
     if maximum is not None and value > maximum:
         raise RefusionError(f"{name} must be <= {maximum}, got {value}")

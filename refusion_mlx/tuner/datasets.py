@@ -135,3 +135,18 @@ def load_datasets(data: str, tokenizer, max_seq_length: int, train: bool, test: 
     valid_set = load_split(data_dir, "valid", tokenizer, max_seq_length, required=train)
     test_set = load_split(data_dir, "test", tokenizer, max_seq_length, required=test)
     return train_set, valid_set, test_set
+
+
+def check_vocabulary(vocab_size: int, splits: dict, special: dict):
+    """Every token id the training will embed must exist in the model: an id past the embedding
+    table is not an error in MLX, it reads garbage and trains to NaN. ``splits``: name -> examples;
+    ``special``: name -> id (mask, pad)."""
+    for name, token in special.items():
+        if token is None or not 0 <= token < vocab_size:
+            raise RefusionError(f"the {name} id {token} is outside the model's vocabulary [0, {vocab_size})")
+    for name, examples in splits.items():
+        for number, example in enumerate(examples or [], 1):
+            ids = example.prompt + example.response
+            if ids and max(ids) >= vocab_size:
+                raise RefusionError(f"{name} example {number} has token id {max(ids)}, outside the model's "
+                                    f"vocabulary [0, {vocab_size}): is the tokenizer the model's?")

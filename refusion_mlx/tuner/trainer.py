@@ -5,6 +5,7 @@ trainer) and returns the losses it reported. Saves are atomic and record their s
 the tokens trained so far; data order, slot layouts and dropout depend only on (seed,
 step), so a resumed run continues exactly where the interrupted one stopped.
 """
+import math
 import random
 import re
 import time
@@ -20,6 +21,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import RefusionError
 from ..utils import atomic_write
+from ..validation import one_line
 from .objective import collate, hybrid_loss, layout_example
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -84,13 +86,20 @@ class TrainingLosses:
 
 def save_safetensors(path: Path, arrays: dict, step: int, trained_tokens: int):
     """Written atomically, with the step and the tokens trained so far in its metadata."""
-    atomic_write(path, lambda tmp: mx.save_safetensors(
-        str(tmp), arrays, metadata={"step": str(step), "trained_tokens": str(trained_tokens)}))
+    try:
+        atomic_write(path, lambda tmp: mx.save_safetensors(
+            str(tmp), arrays, metadata={"step": str(step), "trained_tokens": str(trained_tokens)}))
+    except (OSError, RuntimeError, ValueError) as e:  # full disk, folder gone or read-only
+        raise RefusionError(f"cannot save {path}: {one_line(e)}") from None
 
 
 def save_adapters(adapter_dir: Path, model, optimizer, step: int, numbered: bool, trained_tokens: int = 0):
     """adapters.safetensors (+ a numbered copy) and the training state, each written atomically."""
     weights = dict(tree_flatten(model.trainable_parameters()))
+    # A finite loss can still be followed by an update to inf: such weights are never saved.
+    if not all(mx.all(mx.isfinite(w)).item() for w in weights.values()):
+        raise RefusionError(f"the weights are no longer finite at step {step}; stopped without saving "
+                            "(a learning rate too high, or LoRA alpha/scale out of range?)")
     save_safetensors(adapter_dir / ADAPTER_FILE, weights, step, trained_tokens)
     if numbered:
         save_safetensors(adapter_dir / f"{step:07d}_{ADAPTER_FILE}", weights, step, trained_tokens)
@@ -219,6 +228,14 @@ def make_step(model, optimizer, accumulate: int):
     return step, state
 
 
+def stop_if_not_finite(losses: mx.array, it: int):
+    """Stop at the first NaN or infinite loss: the weights are already spoilt, so nothing more is saved."""
+    loss = losses[0].item()
+    if not math.isfinite(loss):
+        raise RefusionError(f"the training loss is {loss} at step {it}; stopped without saving "
+                            "(a learning rate too high, or LoRA alpha/scale out of range?)")
+
+
 def train(model, optimizer, train_set, valid_set, args: TrainingArgs, mask_id: int, pad_id: int,
           start: int = 0, trained_tokens: int = 0,
           callback: Optional[TrainingCallback] = None) -> TrainingLosses:
@@ -263,6 +280,7 @@ def train(model, optimizer, train_set, valid_set, args: TrainingArgs, mask_id: i
         step_losses, _, grad = step(batch, grad, it % args.grad_accumulation_steps == 0)
         sums = sums + step_losses
         mx.eval(state, sums, grad)
+        stop_if_not_finite(step_losses, it)
         seconds += time.perf_counter() - tic
         steps, tokens, trained_tokens = steps + 1, tokens + ntok, trained_tokens + ntok
         if it % args.steps_per_report == 0 or it == args.iters:
