@@ -273,7 +273,10 @@ def run(args) -> int:
     if families:
         print(families)
     if args.plot:
-        plot(scores, args.plot)
+        try:
+            plot(scores, args.plot)
+        except OSError as e:
+            raise RefusionError(f"cannot write --plot {args.plot}: {e.strerror or e}") from None
         print(f"plot: {args.plot}")
     return 0
 
