@@ -13,7 +13,6 @@ of a seed does not depend on the other sizes and shares no query and no answer
 with train.
 """
 
-import argparse
 import json
 import random
 import sys
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..cli import run_command
+from ..cli import ArgumentParser, run_command
 from ..errors import RefusionError
 
 DEMO_SEED = 0
@@ -309,7 +308,7 @@ def length_stats(examples: Sequence[dict], encode: Callable[[str], list], key: s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m refusion_mlx.demo.tasks",
+    parser = ArgumentParser(prog="python -m refusion_mlx.demo.tasks",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for train.jsonl / valid.jsonl / test.jsonl")
     parser.add_argument("--seed", type=int, default=DEMO_SEED)
