@@ -180,7 +180,9 @@ def load_model(path: Union[str, Path], dtype: Optional[str] = None, for_cpu: boo
     """
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
-    path = resolve_path(path)
+    path = resolve_path(check_path("path", path))
+    if dtype is not None and dtype not in DTYPES:
+        raise RefusionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     read_config(path)
     check_weight_files(path)
     try:
