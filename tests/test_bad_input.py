@@ -380,7 +380,7 @@ ROWS = [pytest.param(entry, name, id=f"{entry}: {name}") for entry, table in TAB
 IN_SUBPROCESS = [
     ("generate", "stdin not UTF-8"), ("generate", "prompt with undecodable bytes"),
     ("generate", "prompt longer than the positions"), ("convert", "unreadable shard"),
-    ("lora", "yaml max_seq_length lots"), ("evaluate", "test.jsonl not UTF-8"),
+    ("lora", "yaml max_seq_length lots"),
 ]
 
 
@@ -493,16 +493,17 @@ def limit_file_size(limit: int):
     return apply
 
 
-@pytest.mark.parametrize("entry", ["convert", "lora"])
+@pytest.mark.parametrize("entry", ["convert", "lora", "fuse"])
 def test_a_full_disk_is_one_line_and_leaves_nothing(ctx, entry):
     """Writes fail part-way (the file-size limit stands in for a full disk): one line, no
     half-written model, no temporary file (lora: ``.adapters.<pid>.tmp.safetensors``)."""
-    out = ctx.root / "out"
-    argv = conv(ctx, out=str(out)) if entry == "convert" else lora(ctx, "--save-every", "1", adapters=str(out))
-    before = snapshot(ctx.root, ctx.good_model)
+    out = str(ctx.root / "out")
+    argv = {"convert": lambda: conv(ctx, out=out), "lora": lambda: lora(ctx, "--save-every", "1", adapters=out),
+            "fuse": lambda: fuse(ctx, save=out)}[entry]()
+    before = snapshot(ctx.root, ctx.good_model, ctx.good_adapters)
     proc = subprocess.run([sys.executable, "-m", ENTRY_POINTS[entry], *argv], capture_output=True, text=True,
                           cwd=ctx.root, env=dict(os.environ, PYTHONPATH=with_root_on_path()), timeout=120,
                           preexec_fn=limit_file_size(8000))
     check_answer(proc.returncode, proc.stderr)
     assert "cannot" in proc.stderr
-    assert snapshot(ctx.root, ctx.good_model) == before
+    assert snapshot(ctx.root, ctx.good_model, ctx.good_adapters) == before
