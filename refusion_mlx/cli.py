@@ -51,6 +51,11 @@ def run_command(run: Callable, args, interrupted: str = "interrupted", decode_fl
     except RefusionError as e:
         print(f"error: {in_flag_names(str(e)) if decode_flags else e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # MLX's own errors (a full disk under its kernel cache, memory): one line too
+        from .validation import mlx_failure
+
+        print(f"error: {mlx_failure(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130

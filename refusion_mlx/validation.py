@@ -166,3 +166,14 @@ def one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
+
+
+def mlx_failure(e: BaseException) -> str:
+    """One line for a RuntimeError from MLX; a failed kernel compilation (MLX's CPU backend builds
+    kernels with the system compiler under $TMPDIR) shows the compiler's fatal error, not its log."""
+    text = str(e)
+    if "Failed to compile" in text:
+        fatal = next((line.strip() for line in text.splitlines() if "fatal error" in line), None)
+        reason = fatal or text.splitlines()[0][:200]
+        return f"MLX could not compile a kernel ({reason}); is the disk that holds $TMPDIR full?"
+    return one_line(e)
