@@ -354,7 +354,8 @@ BENCHMARK = {
     "slot size 0": lambda c: bench(c, "--slot-size", "0"),
     "config is a list": lambda c: bench(c, model=c.model(text="[]")),
     "model missing": lambda c: bench(c, model=c.path("nowhere")),
-    "missing --model": lambda c: FAST,
+    "--model and --shape": lambda c: bench(c, "--shape", "small"),
+    "--shape with 0 prompt tokens": lambda c: ["--shape", "small", "--prompt-tokens", "0", *FAST],
 }
 
 DEMO_TASKS = {
