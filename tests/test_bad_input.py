@@ -33,7 +33,7 @@ ENTRY_POINTS = {
     "evaluate": "refusion_mlx.evaluate",
     "benchmark": "refusion_mlx.benchmark",
     "demo.tasks": "refusion_mlx.demo.tasks",
-    "demo.tokenizer": "refusion_mlx.demo.tokenizer",
+    "refusion_mlx": "refusion_mlx.__main__",
 }
 FAST = ["--max-tokens", "16", "--slot-size", "4", "--blocks", "2"]
 ROWS_OF_DATA = [{"query": f"Add {a} and {b}.", "response": f"{a} + {b} = {a + b}."}
@@ -154,7 +154,6 @@ GENERATE = {
     "max tokens 0": lambda c: gen(c, "--max-tokens", "0"),
     "blocks 0": lambda c: gen(c, "--blocks", "0"),
     "slot size negative": lambda c: gen(c, "--slot-size", "-4"),
-    "blocks do not fit": lambda c: gen(c, "--max-tokens", "20"),
     "max tokens not a number": lambda c: gen(c, "--max-tokens", "lots"),
     "unknown flag": lambda c: gen(c, "--nucleus", "0.9"),
     "unknown preset": lambda c: gen(c, "--preset", "gsm9k"),
@@ -335,7 +334,7 @@ EVALUATE = {
     "setting not a number": lambda c: evaluate(c, "--settings", "s=abc"),
     "setting threshold nan": lambda c: evaluate(c, "--settings", "st=nan"),
     "setting unknown key": lambda c: evaluate(c, "--settings", "q=3"),
-    "setting does not fit": lambda c: evaluate(c, "--settings", "s=5,b=3"),
+    "setting slot size 0": lambda c: evaluate(c, "--settings", "s=0,b=3"),
     "limit 0": lambda c: evaluate(c, "--limit", "0"),
     "max tokens 0": lambda c: evaluate(c, "--max-tokens", "0"),
     "plot in a missing folder": lambda c: evaluate(c, "--plot", c.path("no/such/plot.png")),
@@ -364,16 +363,15 @@ DEMO_TASKS = {
     "no --out": lambda c: [],
 }
 
-DEMO_TOKENIZER = {
-    "data missing": lambda c: ["--data", c.path("nowhere"), "--out", c.path("tok")],
-    "train.jsonl not UTF-8": lambda c: ["--data", c.jsonl_folder("bad", ROWS_OF_DATA, b'{"query": "\xff"}\n'),
-                                        "--out", c.path("tok")],
-    "unknown size": lambda c: ["--data", c.data, "--out", c.path("tok"), "--size", "huge"],
+DISPATCHER = {  # python -m refusion_mlx <command>
+    "unknown command": lambda c: ["generat", "--prompt", "hi"],
+    "generate with temp nan": lambda c: ["generate", *gen(c, "--temp", "nan")],
+    "convert with config null": lambda c: ["convert", *conv(c, source=c.model(text="null"))],
 }
 
 TABLES = {
     "generate": GENERATE, "convert": CONVERT, "lora": LORA, "fuse": FUSE, "evaluate": EVALUATE,
-    "benchmark": BENCHMARK, "demo.tasks": DEMO_TASKS, "demo.tokenizer": DEMO_TOKENIZER,
+    "benchmark": BENCHMARK, "demo.tasks": DEMO_TASKS, "refusion_mlx": DISPATCHER,
 }
 ROWS = [pytest.param(entry, name, id=f"{entry}: {name}") for entry, table in TABLES.items() for name in table]
 # Run again as real processes (~3 s each, so a few): the classes most likely to leak a library's
