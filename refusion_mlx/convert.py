@@ -19,7 +19,6 @@ streaming writer and the safety around it:
 
 import argparse
 import json
-import os
 import re
 import shutil
 import struct
