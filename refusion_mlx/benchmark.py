@@ -262,7 +262,7 @@ def run_model(args, out=sys.stdout):
     warn_if_slow_blas()
     print(f"model: {args.model or 'demo'}  device: {mx.default_device()}  prompt: {len(ids)} tokens", file=out)
     print(blas_report(), file=out)
-    sizes = [n for n in FORWARD_SIZES if len(ids) + knobs["gen_length"] + n <= model.args.max_position_embeddings]
+    sizes = [n for n in FORWARD_SIZES if len(ids) + n <= model.args.max_position_embeddings]
     forward_table(model, [len(ids)], sizes, out)
     pi = plan_and_infill_rows(model, ids, [knobs], eos, out)[0]
     best_ar = left_to_right_rows(model, ids, knobs["gen_length"], eos, out)
