@@ -173,3 +173,13 @@ def test_a_folder_with_only_slow_tokenizer_files_loads(tmp_path):
         assert prompt_ids(tokenizer, messages, enable_thinking=thinking) == list(theirs)
     result = generate_ids(model, prompt_ids(tokenizer, "hi"), gen_length=8, slot_size=4, serial_num_blocks=1)
     assert 0 < len(result.tokens) <= 8
+
+
+def test_benchmark_runs_on_the_demo_model_without_flags(capsys):
+    """Item 6: no --model needed; the default prompt is one of the demo's tasks, so the decoders agree."""
+    from refusion_mlx.benchmark import main
+
+    assert main(["--max-tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "model: demo" in out and "mlx-lm generate_step" in out
+    assert "same text as left-to-right: yes" in out
