@@ -1,0 +1,682 @@
+"""An OpenAI-compatible HTTP server with streaming and continuous batching.
+
+    python -m refusion_mlx.server [--model PATH_OR_REPO] [--adapter-path DIR] [--host 127.0.0.1] [--port 8080]
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both also as
+server-sent events with ``"stream": true``), ``GET /v1/models``, ``GET /health``.
+Besides OpenAI's ``max_tokens``, ``temperature``, ``seed`` and ``stop``, a request
+may carry ReFusion's knobs: ``slot_size``, ``blocks``, ``slot_threshold``,
+``token_threshold``, ``preset``, and ``decoder`` (``plan-and-infill`` or
+``left-to-right``).
+
+The standard library's ``ThreadingHTTPServer`` (as ``mlx_lm.server``) parses
+requests in one thread each; one decode thread owns the model and a ``Batch``:
+requests that arrive while others decode join the batch between two steps (up to
+``--max-concurrency`` at once, the rest wait in a queue), and each step is one
+forward for all of them. A streaming client that goes away frees its sequence.
+"""
+
+import argparse
+import json
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Dict, List, Optional, Sequence
+
+from .errors import ArgumentParser, RefusionError, run_command
+
+DEFAULT_MAX_CONCURRENCY = 8
+DEFAULT_MAX_QUEUE = 256
+MAX_BODY = 4 * 2**20  # bytes in one request body
+MAX_STOPS = 4  # as OpenAI
+
+
+class RequestError(Exception):
+    """A request we refuse: becomes an OpenAI-style JSON error with this status."""
+
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
+                 code: Optional[str] = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.kind = message, param, status, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# --- reading a request ---------------------------------------------------------------------
+
+COMMON_FIELDS = {"model", "max_tokens", "temperature", "seed", "stop", "stream", "stream_options", "n",
+                 "user", "slot_size", "blocks", "slot_threshold", "token_threshold", "preset", "decoder"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
+
+
+def _integer(body: dict, name: str, low: int) -> Optional[int]:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"'{name}' must be an integer, got {json.dumps(value)}", name)
+    if value < low:
+        raise RequestError(f"'{name}' must be >= {low}, got {value}", name)
+    return value
+
+
+def _number(body: dict, name: str, low: float, high: Optional[float] = None) -> Optional[float]:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"'{name}' must be a number, got {json.dumps(value)}", name)
+    if value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise RequestError(f"'{name}' must be {bounds}, got {value}", name)
+    return float(value)
+
+
+def _choice(body: dict, name: str, choices: Sequence[str]) -> Optional[str]:
+    value = body.get(name)
+    if value is None:
+        return None
+    if value not in choices:
+        raise RequestError(f"'{name}' must be one of {', '.join(choices)}; got {json.dumps(value)}", name)
+    return value
+
+
+def _bool(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestError(f"'{name}' must be true or false, got {json.dumps(value)}", name)
+    return value
+
+
+def _stops(body: dict) -> List[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError("'stop' must be a non-empty string or a list of them", "stop")
+    if len(stops) > MAX_STOPS:
+        raise RequestError(f"'stop' takes at most {MAX_STOPS} strings", "stop")
+    return stops
+
+
+def _messages(body: dict) -> List[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list", "messages")
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(f"messages[{k}] needs a 'role' of system, user or assistant", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise RequestError(f"messages[{k}].content: only text parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{k}].content must be a string", "messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+@dataclass
+class Job:
+    """One accepted request, as the decode thread and the HTTP thread share it."""
+
+    prompt: List[int]
+    settings: object  # DecodeSettings
+    decoder: str
+    max_tokens: int
+    eos: frozenset
+    events: "queue.Queue" = field(default_factory=queue.Queue)
+    cancelled: bool = False
+    sequence: object = None  # the batch's Generation, once admitted
+    filled: Dict[int, int] = field(default_factory=dict)  # position -> token (decode thread only)
+    prefix: int = 0  # filled positions from 0 without a hole (decode thread only)
+
+
+# --- the decode thread ----------------------------------------------------------------------
+
+class Engine:
+    """Owns the model; one thread admits jobs into the batch and steps it."""
+
+    def __init__(self, model, max_concurrency: int, max_queue: int):
+        from .batch import Batch
+
+        self.batch = Batch(model)
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.incoming: "queue.Queue[Job]" = queue.Queue()
+        self.waiting: List[Job] = []
+        self.running: Dict[int, Job] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="decode", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def submit(self, job: Job):
+        if self.incoming.qsize() + len(self.waiting) >= self.max_queue:
+            raise RequestError("too many requests waiting; retry later", status=429, kind="server_error",
+                               code="queue_full")
+        self.incoming.put(job)
+
+    def stop(self):
+        self.stopping.set()
+        self.incoming.put(None)
+        self.thread.join(timeout=10)
+
+    def _loop(self):
+        try:
+            while not self.stopping.is_set():
+                self._admit()
+                if not self.batch.active:
+                    continue
+                for job in self.running.values():
+                    if job.cancelled:
+                        self.batch.cancel(job.sequence)
+                try:
+                    left = self.batch.step()
+                except Exception as e:  # never take the server down: fail the jobs in the batch
+                    self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
+                    continue
+                for seq in left:
+                    job = self.running.pop(id(seq))
+                    job.events.put(("done", None))
+        finally:
+            self._fail_all("the server is shutting down", waiting=True)
+
+    def _admit(self):
+        """Move new jobs into the batch while there is room; block only when nothing runs."""
+        block = not self.batch.active and not self.waiting
+        while True:
+            try:
+                job = self.incoming.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                break
+            if job is None:
+                return
+            self.waiting.append(job)
+            block = False
+        while self.waiting and len(self.batch.active) < self.max_concurrency:
+            job = self.waiting.pop(0)
+            if job.cancelled:
+                job.events.put(("done", None))
+                continue
+            try:
+                job.sequence = self.batch.add(job.prompt, job.settings, decoder=job.decoder,
+                                              eos_token_id=job.eos, on_commit=self._committed(job))
+            except RefusionError as e:
+                job.events.put(("error", RequestError(str(e))))
+                continue
+            self.running[id(job.sequence)] = job
+
+    def _committed(self, job: Job):
+        def on_commit(seq, commit):
+            job.filled.update(zip(commit.positions, commit.tokens))
+            while job.prefix in job.filled:
+                job.prefix += 1
+            job.events.put(("commit", (list(commit.positions), list(commit.tokens))))
+            # Everything the client can get is decided: leave the batch now.
+            eos = any(job.filled[p] in job.eos for p in range(job.prefix))
+            if job.prefix >= job.max_tokens or eos:
+                self.batch.cancel(seq)
+        return on_commit
+
+    def _fail_all(self, message: str, waiting: bool = False):
+        error = RequestError(message, status=503 if waiting else 500, kind="server_error")
+        for job in list(self.running.values()) + (self.waiting if waiting else []):
+            job.events.put(("error", error))
+        if waiting:
+            while True:
+                try:
+                    job = self.incoming.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job.events.put(("error", error))
+            self.waiting = []
+        for seq in list(self.batch.active):
+            self.batch.cancel(seq)
+        self.running = {}
+        try:
+            self.batch.step()  # drops the cancelled sequences
+        except Exception:
+            pass
+
+
+# --- turning committed tokens into OpenAI answers ----------------------------------------
+
+class Answer:
+    """The text of one job as its commits arrive: gap-free, cut at EOS, max_tokens and stop strings."""
+
+    def __init__(self, tokenizer, lock, job: Job, stops: List[str]):
+        self.tokenizer, self.lock, self.job, self.stops = tokenizer, lock, job, stops
+        self.placed: Dict[int, int] = {}
+        self.tokens: List[int] = []  # the gap-free answer tokens so far
+        self.text = ""
+        self.finish_reason: Optional[str] = None
+        self.sent = 0  # characters of text already streamed
+
+    def add(self, positions, tokens):
+        if self.finished:  # commits that were under way when the answer was complete
+            return
+        self.placed.update(zip(positions, tokens))
+        before = len(self.tokens)
+        while len(self.tokens) < self.job.max_tokens and len(self.tokens) in self.placed:
+            token = self.placed[len(self.tokens)]
+            self.tokens.append(token)
+            if token in self.job.eos:
+                self.finish_reason = "stop"
+                break
+        if len(self.tokens) != before:
+            self._decode()
+        if self.finish_reason is None and len(self.tokens) >= self.job.max_tokens:
+            self.finish_reason = "length"
+
+    def _decode(self):
+        ids = [t for t in self.tokens if t not in self.job.eos]
+        with self.lock:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in self.stops:
+            at = text.find(stop)
+            if at >= 0:
+                text = text[:at]
+                self.finish_reason = "stop"
+        self.text = text
+
+    def done(self):
+        if self.finish_reason is None:
+            self.finish_reason = "length"
+
+    def delta(self, final: bool = False) -> str:
+        """Text not streamed yet that can no longer change (all of it when ``final``)."""
+        text = self.text
+        if not final:
+            text = text.rstrip("\ufffd")  # half a character
+            # Hold back a tail that may turn out to be the start of a stop string.
+            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - hold]
+        if len(text) <= self.sent:
+            return ""
+        piece = text[self.sent:]
+        self.sent = len(text)
+        return piece
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+# --- HTTP ------------------------------------------------------------------------------------
+
+class Service:
+    """What the HTTP handlers need: the model's name and limits, the tokenizer, the engine."""
+
+    def __init__(self, model, tokenizer, model_id: str, defaults: dict, engine: Engine, verbose: bool = False):
+        from .text import default_eos
+
+        self.model, self.tokenizer, self.model_id, self.defaults, self.engine = (
+            model, tokenizer, model_id, defaults, engine)
+        self.verbose = verbose
+        self.eos = frozenset(default_eos(tokenizer))
+        self.tokenizer_lock = threading.Lock()
+        self.created = int(time.time())
+
+    def job(self, body: dict, chat: bool) -> Job:
+        """Check a request's fields and build its job; RequestError for anything wrong."""
+        from .batch import DECODERS, LEFT_TO_RIGHT, PLAN_AND_INFILL
+        from .decode import DecodeSettings
+        from .presets import PRESETS
+
+        allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise RequestError(f"unrecognized request argument: {unknown[0]}", unknown[0])
+        model = body.get("model")
+        if model is not None and model != self.model_id:
+            raise RequestError(f"the model '{model}' does not exist (this server serves '{self.model_id}')",
+                               "model", 404, "model_not_found")
+        if _integer(body, "n", 1) not in (None, 1):
+            raise RequestError("only n=1 is supported", "n")
+        if body.get("user") is not None and not isinstance(body["user"], str):
+            raise RequestError("'user' must be a string", "user")
+        _bool(body, "stream")
+        options = body.get("stream_options")
+        if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
+            raise RequestError("'stream_options' takes only include_usage", "stream_options")
+        if options is not None:
+            _bool(options, "include_usage")
+        prompt = self._prompt(body, chat)
+        knobs = dict(self.defaults)
+        preset = _choice(body, "preset", sorted(PRESETS))
+        if preset:
+            knobs.update(PRESETS[preset])
+        explicit = {"slot_size": _integer(body, "slot_size", 1), "serial_num_blocks": _integer(body, "blocks", 1),
+                    "slot_threshold": _number(body, "slot_threshold", 0.0, 1.0),
+                    "token_threshold": _number(body, "token_threshold", 0.0, 1.0)}
+        knobs.update({k: v for k, v in explicit.items() if v is not None})
+        temperature = _number(body, "temperature", 0.0, 2.0)
+        knobs["temperature"] = temperature or 0.0
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise RequestError(f"'seed' must be an integer, got {json.dumps(seed)}", "seed")
+        knobs["seed"] = None if seed is None else seed % 2**32
+        decoder = _choice(body, "decoder", DECODERS) or PLAN_AND_INFILL
+        max_tokens = _integer(body, "max_tokens", 1)
+        if chat:
+            max_tokens = _integer(body, "max_completion_tokens", 1) or max_tokens
+        _stops(body)
+
+        limit = self.model.args.max_position_embeddings
+        room = limit - len(prompt)
+        unit = 1 if decoder == LEFT_TO_RIGHT else knobs["slot_size"] * knobs["serial_num_blocks"]
+        where = "messages" if chat else "prompt"
+        if max_tokens is None:  # the model's default, cut to whatever room the prompt leaves
+            max_tokens = min(knobs["gen_length"], room // unit * unit)
+            if max_tokens < 1:
+                raise RequestError(f"the prompt ({len(prompt)} tokens) leaves no room to generate in the "
+                                   f"model's {limit} positions", where, code="context_length_exceeded")
+        # Plan-and-infill decodes whole blocks of whole slots; the answer is cut at max_tokens.
+        gen_length = -(-max_tokens // unit) * unit
+        if len(prompt) + gen_length > limit:
+            raise RequestError(f"prompt ({len(prompt)} tokens) + generation ({gen_length}) exceeds the "
+                               f"model's {limit} positions", where, code="context_length_exceeded")
+        knobs["gen_length"] = gen_length
+        settings = DecodeSettings(**knobs)
+        try:
+            settings.validate()
+        except RefusionError as e:
+            raise RequestError(str(e)) from None
+        return Job(prompt, settings, decoder, max_tokens, self.eos)
+
+    def _prompt(self, body: dict, chat: bool) -> List[int]:
+        from .data import chat_prompt_ids
+
+        vocab = self.model.args.vocab_size
+        if chat:
+            messages = _messages(body)
+            with self.tokenizer_lock:
+                if getattr(self.tokenizer, "chat_template", None):
+                    ids = chat_prompt_ids(self.tokenizer, messages)
+                else:
+                    ids = self.tokenizer.encode("\n".join(m["content"] for m in messages))
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]  # a batch of one
+            if isinstance(prompt, str):
+                with self.tokenizer_lock:
+                    ids = self.tokenizer.encode(prompt)
+            elif (isinstance(prompt, list) and prompt
+                  and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+                if not all(0 <= t < vocab for t in prompt):
+                    raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+                ids = list(prompt)
+            else:
+                raise RequestError("'prompt' must be a string, or a list of token ids", "prompt")
+        if not ids:
+            raise RequestError("the prompt is empty", "messages" if chat else "prompt")
+        return ids
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One HTTP request (its own thread)."""
+
+    service: Service  # set on the subclass made by make_server
+    server_version = "refusion-mlx"
+
+    def log_message(self, format, *args):  # one line per request on stderr, as the base class, quieter
+        if self.service.verbose:
+            super().log_message(format, *args)
+
+    # -- plumbing --
+    def _send_json(self, status: int, payload: dict):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, error: RequestError):
+        self._send_json(error.status, error.body())
+
+    def _event(self, payload) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
+
+    def do_GET(self):
+        if self.path == "/health":
+            self._send_json(200, {"status": "ok"})
+        elif self.path == "/v1/models":
+            svc = self.service
+            self._send_json(200, {"object": "list", "data": [
+                {"id": svc.model_id, "object": "model", "created": svc.created, "owned_by": "refusion-mlx"}]})
+        else:
+            self._error(RequestError(f"no such endpoint: GET {self.path}", status=404, code="not_found"))
+
+    def do_POST(self):
+        chat = self.path == "/v1/chat/completions"
+        if not chat and self.path != "/v1/completions":
+            self._error(RequestError(f"no such endpoint: POST {self.path}", status=404, code="not_found"))
+            return
+        try:
+            body = self._body()
+            job = self.service.job(body, chat)
+            stream = _bool(body, "stream")
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            stops = _stops(body)
+            self.service.engine.submit(job)
+        except RequestError as e:
+            self._error(e)
+            return
+        answer = Answer(self.service.tokenizer, self.service.tokenizer_lock, job, stops)
+        reply = Reply(chat, self.service.model_id, job, answer)
+        try:
+            if stream:
+                self._stream(reply, usage)
+            else:
+                self._whole(reply)
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            job.cancelled = True  # the client went away: free its sequence
+
+    def _body(self) -> dict:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise RequestError("a JSON body with a Content-Length is required") from None
+        if not 0 <= length <= MAX_BODY:
+            raise RequestError(f"the body must be at most {MAX_BODY} bytes")
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(f"the body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        return body
+
+    def _events(self, job: Job):
+        """The job's commits as they come; raises RequestError if decoding failed."""
+        while True:
+            kind, value = job.events.get()
+            if kind == "commit":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+
+    def _whole(self, reply: "Reply"):
+        try:
+            for positions, tokens in self._events(reply.job):
+                reply.answer.add(positions, tokens)
+                if reply.answer.finished:
+                    reply.job.cancelled = True  # a stop string: nothing more is needed
+        except RequestError as e:
+            self._error(e)
+            return
+        reply.answer.done()
+        self._send_json(200, reply.whole())
+
+    def _stream(self, reply: "Reply", usage: bool):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        answer = reply.answer
+        if reply.chat:
+            self._event(reply.chunk({"role": "assistant", "content": ""}))
+        try:
+            for positions, tokens in self._events(reply.job):
+                answer.add(positions, tokens)
+                piece = answer.delta(final=answer.finished)
+                if piece:
+                    self._event(reply.chunk(piece))
+                if answer.finished:
+                    reply.job.cancelled = True
+        except RequestError as e:
+            self._event(e.body())
+            return
+        answer.done()
+        piece = answer.delta(final=True)
+        if piece:
+            self._event(reply.chunk(piece))
+        self._event(reply.chunk(None, answer.finish_reason))
+        if usage:
+            self._event(reply.usage_chunk())
+        self._event("[DONE]")
+
+
+class Reply:
+    """OpenAI's response objects for one job."""
+
+    def __init__(self, chat: bool, model_id: str, job: Job, answer: Answer):
+        self.chat, self.model_id, self.job, self.answer = chat, model_id, job, answer
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id,
+                "choices": choices}
+
+    def usage(self) -> dict:
+        prompt, completion = len(self.job.prompt), len(self.answer.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def whole(self) -> dict:
+        a = self.answer
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": a.text},
+                      "finish_reason": a.finish_reason, "logprobs": None}
+            out = self._envelope("chat.completion", [choice])
+        else:
+            choice = {"index": 0, "text": a.text, "finish_reason": a.finish_reason, "logprobs": None}
+            out = self._envelope("text_completion", [choice])
+        out["usage"] = self.usage()
+        return out
+
+    def chunk(self, content, finish_reason: Optional[str] = None) -> dict:
+        if self.chat:
+            delta = content if isinstance(content, dict) else ({} if content is None else {"content": content})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            return self._envelope("chat.completion.chunk", [choice])
+        choice = {"index": 0, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
+        return self._envelope("text_completion", [choice])
+
+    def usage_chunk(self) -> dict:
+        out = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
+        out["usage"] = self.usage()
+        return out
+
+
+def make_server(model, tokenizer, model_id: str, defaults: dict, host: str = "127.0.0.1", port: int = 8080,
+                max_concurrency: int = DEFAULT_MAX_CONCURRENCY, max_queue: int = DEFAULT_MAX_QUEUE,
+                verbose: bool = False):
+    """An HTTP server (not yet serving) and its engine (not yet started)."""
+    import mlx.core as mx
+
+    # MLX streams belong to threads: whatever the model still holds unevaluated (constants such
+    # as RoPE frequencies) must be computed here, before the decode thread uses it.
+    mx.eval(model(mx.array([[0]])))
+    engine = Engine(model, max_concurrency, max_queue)
+    service = Service(model, tokenizer, model_id, defaults, engine, verbose)
+    handler = type("BoundHandler", (Handler,), {"service": service})
+    try:
+        httpd = ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        raise RefusionError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    httpd.daemon_threads = True
+    return httpd, engine
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m refusion_mlx.server",
+                            description="Serve ReFusion over an OpenAI-compatible HTTP API.")
+    parser.add_argument("--model", help="local folder or Hugging Face repo id; default: the packaged demo model")
+    parser.add_argument("--adapter-path", help="folder with fine-tuned adapters")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8080, help="port (0: any free one; the address is printed)")
+    parser.add_argument("--max-concurrency", type=int, default=DEFAULT_MAX_CONCURRENCY,
+                        help="sequences decoded at once; more requests wait in a queue")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help="requests allowed to wait; beyond that a request gets 429")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="cast the weights")
+    parser.add_argument("--verbose", action="store_true", help="log every request on stderr")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_command(serve, build_parser().parse_args(argv))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def serve(args) -> int:
+    from .loading import DEMO_MODEL_NAME, is_demo, load
+    from .presets import DEFAULTS, DEMO_DEFAULTS
+
+    if args.max_concurrency < 1 or args.max_queue < 1:
+        raise RefusionError("--max-concurrency and --max-queue must be positive")
+    if not 0 <= args.port <= 65535:
+        raise RefusionError(f"--port must be in [0, 65535], got {args.port}")
+    model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
+    demo = is_demo(args.model)
+    model_id = DEMO_MODEL_NAME if demo else args.model
+    defaults = dict(DEMO_DEFAULTS if demo else DEFAULTS)
+    httpd, engine = make_server(model, tokenizer, model_id, defaults, args.host, args.port,
+                                args.max_concurrency, args.max_queue, args.verbose)
+    engine.start()
+    # SIGTERM ends the server the way Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    host, port = httpd.server_address[:2]
+    print(f"serving {model_id} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        print("shutting down", file=sys.stderr, flush=True)
+    finally:
+        engine.stop()
+        httpd.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
