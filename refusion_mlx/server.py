@@ -166,8 +166,12 @@ class Engine:
     def start(self):
         self.thread.start()
 
+    @property
+    def queued(self) -> int:
+        return self.incoming.qsize() + len(self.waiting)
+
     def submit(self, job: Job):
-        if self.incoming.qsize() + len(self.waiting) >= self.max_queue:
+        if self.queued >= self.max_queue:
             raise RequestError("too many requests waiting; retry later", status=429, kind="server_error",
                                code="queue_full")
         self.incoming.put(job)
@@ -330,6 +334,7 @@ class Service:
         self.model, self.tokenizer, self.model_id, self.defaults, self.engine = (
             model, tokenizer, model_id, defaults, engine)
         self.verbose = verbose
+        self.disconnected = 0  # streams whose client went away
         self.eos = frozenset(default_eos(tokenizer))
         self.tokenizer_lock = threading.Lock()
         self.created = int(time.time())
@@ -396,7 +401,8 @@ class Service:
         knobs["gen_length"] = gen_length
         settings = DecodeSettings(**knobs)
         try:
-            settings.validate()
+            if decoder == PLAN_AND_INFILL:  # left to right has no slots to fit
+                settings.validate()
         except RefusionError as e:
             raise RequestError(str(e)) from None
         return Job(prompt, settings, decoder, max_tokens, self.eos)
@@ -460,7 +466,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/health":
-            self._send_json(200, {"status": "ok"})
+            engine = self.service.engine
+            self._send_json(200, {"status": "ok", "running": len(engine.running), "waiting": engine.queued,
+                                  "disconnected": self.service.disconnected})
         elif self.path == "/v1/models":
             svc = self.service
             self._send_json(200, {"object": "list", "data": [
@@ -492,6 +500,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._whole(reply)
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             job.cancelled = True  # the client went away: free its sequence
+            self.service.disconnected += 1
 
     def _body(self) -> dict:
         try:
