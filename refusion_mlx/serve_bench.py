@@ -1,0 +1,276 @@
+"""Load benchmark of the server: concurrent clients sending the demo tasks' test prompts.
+
+    python -m refusion_mlx.serve_bench [--model PATH_OR_REPO] [--concurrency 1 4 8 16] [--requests 48]
+
+Starts its own server (``python -m refusion_mlx.server`` on a free port, as a
+subprocess) and, for plan-and-infill and for left-to-right decoding of the same
+model, sends ``--requests`` streamed chat requests at each concurrency level:
+prints total tokens/s, requests/s, p50/p95 latency, p50/p95 time to the first
+streamed token, and how many answers are right (the tasks' exact-match check).
+Then a mixed run (``--mixed`` requests: both decoders, streamed or not, chat
+and completions, and malformed ones) counts requests that failed (a wrong
+status or a server error) or were lost (no complete answer). Clients are plain
+``http.client``; every request is timed from sending it to the last byte.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+from .errors import ArgumentParser, RefusionError, run_command
+
+DECODERS = ("plan-and-infill", "left-to-right")
+
+
+@dataclass
+class Outcome:
+    status: int
+    latency: float
+    first_token: Optional[float]
+    tokens: int
+    text: str
+    complete: bool  # a whole answer (or a whole error body) came back
+
+
+class Client:
+    """Plain HTTP requests to one server."""
+
+    def __init__(self, host: str, port: int, timeout: float = 600):
+        self.host, self.port, self.timeout = host, port, timeout
+
+    def post(self, path: str, body, stream: bool) -> Outcome:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        tic = time.perf_counter()
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request("POST", path, raw, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            if response.status != 200 or not stream:
+                data = json.loads(response.read())
+                latency = time.perf_counter() - tic
+                if response.status != 200:
+                    return Outcome(response.status, latency, None, 0, "", "error" in data)
+                choice = data["choices"][0]
+                text = choice["message"]["content"] if "message" in choice else choice["text"]
+                return Outcome(200, latency, None, data["usage"]["completion_tokens"], text, True)
+            first, text, tokens, done = None, [], 0, False
+            for line in response.fp:
+                line = line.decode().strip()
+                if not line.startswith("data: "):
+                    continue
+                payload = line[6:]
+                if payload == "[DONE]":
+                    done = True
+                    break
+                event = json.loads(payload)
+                if "error" in event:
+                    break
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                for choice in event["choices"]:
+                    piece = choice.get("delta", {}).get("content") or choice.get("text") or ""
+                    if piece:
+                        first = first if first is not None else time.perf_counter() - tic
+                        text.append(piece)
+            return Outcome(200, time.perf_counter() - tic, first, tokens, "".join(text), done)
+        except (OSError, http.client.HTTPException, ValueError, KeyError):
+            return Outcome(0, time.perf_counter() - tic, None, 0, "", False)
+        finally:
+            conn.close()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_clients(jobs: List, concurrency: int, work) -> List:
+    """Run ``work(job)`` for every job with ``concurrency`` client threads; results in job order."""
+    results = [None] * len(jobs)
+    next_job = iter(range(len(jobs)))
+    lock = threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                i = next(next_job, None)
+            if i is None:
+                return
+            results[i] = work(jobs[i])
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def chat_body(query: str, decoder: str, stream: bool = True) -> dict:
+    body = {"messages": [{"role": "user", "content": query}], "decoder": decoder, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def load_level(client: Client, examples: List[dict], decoder: str, concurrency: int) -> dict:
+    """One row of the table: every example once, ``concurrency`` at a time."""
+    from .demo.tasks import check
+
+    tic = time.perf_counter()
+    outcomes = run_clients(examples, concurrency,
+                           lambda x: client.post("/v1/chat/completions", chat_body(x["query"], decoder), True))
+    wall = time.perf_counter() - tic
+    ok = [o for o in outcomes if o.status == 200 and o.complete]
+    tokens = sum(o.tokens for o in ok)
+    return {
+        "decoder": decoder, "concurrency": concurrency, "requests": len(examples), "failed": len(examples) - len(ok),
+        "tokens_per_s": tokens / wall, "requests_per_s": len(ok) / wall,
+        "p50": percentile([o.latency for o in ok], 0.5), "p95": percentile([o.latency for o in ok], 0.95),
+        "ttft50": percentile([o.first_token for o in ok if o.first_token], 0.5),
+        "ttft95": percentile([o.first_token for o in ok if o.first_token], 0.95),
+        "correct": sum(check(x, o.text) for x, o in zip(examples, outcomes) if o in ok),
+    }
+
+
+def mixed_run(client: Client, examples: List[dict], size: int, concurrency: int, seed: int = 0) -> dict:
+    """``size`` requests of every kind at once; counts answers, refusals, failures and losses."""
+    rng = random.Random(seed)
+    bad = [
+        (b"{not json", 400), ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400),
+        ({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404),
+        ({"messages": [{"role": "user", "content": "word " * 2000}]}, 400),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400),
+        ({"prompt": [1, 2, 10 ** 9]}, 400),
+    ]
+    jobs = []
+    for k in range(size):
+        x = examples[k % len(examples)]
+        roll = rng.random()
+        if roll < 0.2:
+            body, expect = bad[rng.randrange(len(bad))]
+            path = "/v1/completions" if isinstance(body, dict) and "prompt" in body else "/v1/chat/completions"
+            jobs.append((path, body, False, expect))
+        elif roll < 0.35:
+            jobs.append(("/v1/completions", {"prompt": x["query"], "max_tokens": 48, "stream": roll < 0.28},
+                         roll < 0.28, 200))
+        else:
+            decoder = DECODERS[rng.random() < 0.3]
+            stream = rng.random() < 0.5
+            body = chat_body(x["query"], decoder, stream)
+            if rng.random() < 0.3:
+                body.update(temperature=0.7, seed=k)
+            jobs.append(("/v1/chat/completions", body, stream, 200))
+    tic = time.perf_counter()
+    outcomes = run_clients(jobs, concurrency, lambda j: client.post(j[0], j[1], j[2]))
+    wall = time.perf_counter() - tic
+    lost = sum(1 for o in outcomes if o.status == 0 or not o.complete)
+    failed = sum(1 for (_, _, _, expect), o in zip(jobs, outcomes) if o.status not in (0, expect))
+    return {"requests": size, "answered": sum(o.status == 200 and o.complete for o in outcomes),
+            "refused": sum(o.status in (400, 404) and o.complete for o in outcomes),
+            "failed": failed, "lost": lost, "seconds": wall}
+
+
+class ServerProcess:
+    """``python -m refusion_mlx.server`` on a free port, stopped with Ctrl-C."""
+
+    def __init__(self, model: Optional[str], max_concurrency: int, extra: Sequence[str] = ()):
+        cmd = [sys.executable, "-m", "refusion_mlx.server", "--port", "0", "--max-concurrency",
+               str(max_concurrency), *extra]
+        if model:
+            cmd += ["--model", model]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=dict(os.environ))
+        line = self.process.stdout.readline()
+        if "http://" not in line:
+            err = self.process.stderr.read().strip().splitlines()
+            self.process.kill()
+            raise RefusionError(f"the server did not start: {err[-1] if err else line.strip()}")
+        host_port = line.split("//")[1].split("/")[0]
+        self.host, port = host_port.rsplit(":", 1)
+        self.port = int(port)
+
+    def stop(self):
+        import signal
+
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def format_table(rows: List[dict]) -> str:
+    lines = ["| decoder | clients | tokens/s | requests/s | p50 latency (s) | p95 latency (s) | "
+             "p50 / p95 first token (s) | correct | failed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['decoder']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | "
+                     f"{r['p50']:.3f} | {r['p95']:.3f} | {r['ttft50']:.3f} / {r['ttft95']:.3f} | "
+                     f"{r['correct']}/{r['requests']} | {r['failed']} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m refusion_mlx.serve_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="served model (default: the packaged demo model)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16], help="client counts")
+    parser.add_argument("--requests", type=int, default=48, help="requests per row (test-split prompts)")
+    parser.add_argument("--decoders", nargs="+", choices=DECODERS, default=list(DECODERS))
+    parser.add_argument("--mixed", type=int, default=200, help="size of the mixed run (0: skip)")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra flag for the server")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_command(bench, build_parser().parse_args(argv))
+
+
+def bench(args) -> int:
+    from .demo.tasks import test_split
+
+    if args.requests < 1 or min(args.concurrency) < 1 or args.mixed < 0:
+        raise RefusionError("--requests and --concurrency must be positive, --mixed >= 0")
+    examples = test_split(size=args.requests)
+    server = ServerProcess(args.model, max(args.concurrency), args.server_arg)
+    try:
+        client = Client(server.host, server.port)
+        for decoder in args.decoders:  # warm-up: kernels built, buffers allocated
+            run_clients(examples[:4], 4, lambda x: client.post("/v1/chat/completions",
+                                                               chat_body(x["query"], decoder), True))
+        rows = []
+        for decoder in args.decoders:
+            for level in args.concurrency:
+                rows.append(load_level(client, examples, decoder, level))
+                r = rows[-1]
+                print(f"{decoder}, {level} clients: {r['tokens_per_s']:.1f} tokens/s, "
+                      f"{r['requests_per_s']:.2f} requests/s", file=sys.stderr, flush=True)
+        print(format_table(rows))
+        for decoder in args.decoders:
+            by_level = {r["concurrency"]: r for r in rows if r["decoder"] == decoder}
+            if 1 in by_level:
+                gains = ", ".join(f"{n} clients {by_level[n]['tokens_per_s'] / by_level[1]['tokens_per_s']:.2f}x"
+                                  for n in sorted(by_level) if n != 1)
+                print(f"{decoder}: throughput over one client at a time: {gains}")
+        if args.mixed:
+            m = mixed_run(client, examples, args.mixed, max(args.concurrency))
+            print(f"mixed run: {m['requests']} requests ({m['answered']} answered, {m['refused']} bad ones "
+                  f"refused as expected) in {m['seconds']:.1f} s: {m['failed']} failed, {m['lost']} lost")
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
