@@ -12,6 +12,7 @@ with quiet_interrupt(started_as_command()):
     use_fast_blas()
 
     from .autoregressive import generate_ar_ids
+    from .batch import batch_generate, batch_generate_ids
     from .decode import DecodeSettings, GenerationResult, generate_ids
     from .errors import RefusionError
     from .loading import load, load_model
@@ -46,6 +47,8 @@ __all__ = [
     "GenerationResult",
     "GenerationUpdate",
     "RefusionError",
+    "batch_generate",
+    "batch_generate_ids",
     "generate",
     "generate_ar_ids",
     "generate_ids",

@@ -64,6 +64,7 @@ class Placement:
     prefix_end: np.ndarray
     own_start: np.ndarray
     own_end: np.ndarray
+    appends: bool = False  # contiguous writes after the prefix, causal among themselves
 
 
 class SequenceCache:
@@ -82,7 +83,7 @@ class SequenceCache:
         self._check_room(self.length + n)
         writes = self.length + np.arange(n)
         empty = np.zeros(n, dtype=np.int64)
-        return Placement(writes, writes + 1, empty, empty)
+        return Placement(writes, writes + 1, empty, empty, appends=True)
 
     def rows(self, num_rows: int, slot_size: int, start: int) -> Placement:
         """Tokens ``start..slot_size-1`` of ``num_rows`` slot rows laid out row after row behind
@@ -234,11 +235,16 @@ def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Calla
 
 @dataclass
 class BatchView:
-    """Where a batched forward writes (B, L) keys, and what each query sees (B, 1, L, end)."""
+    """Where a batched forward writes (B, L) keys, and what each query sees (B, 1, L, end).
 
-    index: mx.array
+    ``start`` (with ``index`` None): every row writes the contiguous run ``start, start+1, ...``;
+    then ``mask`` may be ``"causal"`` or None, as for one sequence alone.
+    """
+
+    index: Optional[mx.array]
     end: int
-    mask: mx.array
+    mask: Union[None, str, mx.array]
+    start: Optional[int] = None
 
 
 class BatchLayerCache:
@@ -250,9 +256,14 @@ class BatchLayerCache:
 
     def store(self, keys: mx.array, values: mx.array, view: BatchView):
         """Scatter this forward's keys/values into each row; return the first ``view.end`` entries."""
-        index = mx.broadcast_to(view.index[:, None, :, None], keys.shape)
-        self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
-        self.values = mx.put_along_axis(self.values, index, values, axis=2)
+        if view.index is None:
+            stop = view.start + keys.shape[2]
+            self.keys[:, :, view.start : stop] = keys
+            self.values[:, :, view.start : stop] = values
+        else:
+            index = mx.broadcast_to(view.index[:, None, :, None], keys.shape)
+            self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
+            self.values = mx.put_along_axis(self.values, index, values, axis=2)
         return self.keys[:, :, : view.end], self.values[:, :, : view.end]
 
     def resize(self, rows: mx.array, batch: int, capacity: int, like: Optional[tuple] = None):
@@ -428,6 +439,9 @@ class Batch:
 
     def _forward(self, requests: List[Forward]) -> mx.array:
         """Pad the requests (left, so that every row's wanted logits are its last) into one forward."""
+        self.forwards += 1
+        if len(requests) == 1 and requests[0].placement.appends:
+            return self._forward_alone(requests[0])
         B = len(requests)
         width = max(len(r.positions) for r in requests)
         last = max(r.last for r in requests)
@@ -454,8 +468,17 @@ class Batch:
         pe, os_, oe = (mx.array(a)[..., None] for a in (prefix_end, own_start, own_end))
         mask = (key < pe) | ((key >= os_) & (key < oe))
         view = BatchView(mx.array(writes), end, mask[:, None])
-        self.forwards += 1
         return self.model(mx.stack(rows), mx.array(positions), self.cache, view, last=last)
+
+
+    def _forward_alone(self, r: Forward) -> mx.array:
+        """One sequence appending: contiguous writes and a causal mask, exactly as ``decode.forward``."""
+        n = len(r.positions)
+        start = int(r.placement.writes[0])
+        tokens = r.tokens if isinstance(r.tokens, mx.array) else mx.array(np.asarray(r.tokens, np.int32))
+        view = BatchView(None, start + n, "causal" if n > 1 else None, start)
+        positions = mx.array(np.asarray(r.positions, np.int32)[None])
+        return self.model(tokens.astype(mx.int32).reshape(1, -1), positions, self.cache, view, last=r.last)
 
 
 # --- library entry points ------------------------------------------------------------------
