@@ -26,6 +26,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import mlx.core as mx
 import numpy as np
 
+from .cache import key_bucket
 from .decode import (
     Commit,
     DecodeSettings,
@@ -344,6 +345,7 @@ class Batch:
         self.cache = BatchCache(len(model.layers), args.num_key_value_heads, args.head_dim, dtype)
         self.active: List[Generation] = []
         self.forwards = 0
+        self.bucket = key_bucket()
 
     def add(self, prompt_ids: Sequence[int], settings: DecodeSettings, *, decoder: str = PLAN_AND_INFILL,
             mask_id: Optional[int] = None, eos_token_id: Union[None, int, Iterable[int]] = None,
@@ -365,7 +367,7 @@ class Batch:
         seq.steps = decode(state, settings, seq._committed)
         seq.pending = next(seq.steps)
         rows = list(range(len(self.active)))
-        self.cache.reshape(rows, len(rows) + 1, capacity)
+        self.cache.reshape(rows, len(rows) + 1, -(-capacity // self.bucket) * self.bucket)
         self.active.append(seq)
         return seq
 
@@ -440,7 +442,7 @@ class Batch:
     def _forward(self, requests: List[Forward]) -> mx.array:
         """Pad the requests (left, so that every row's wanted logits are its last) into one forward."""
         self.forwards += 1
-        if len(requests) == 1 and requests[0].placement.appends:
+        if len(requests) == 1 and requests[0].placement.appends and self.bucket == 1:
             return self._forward_alone(requests[0])
         B = len(requests)
         width = max(len(r.positions) for r in requests)
@@ -464,6 +466,8 @@ class Batch:
             writes[b, pad:], prefix_end[b, pad:] = p.writes, p.prefix_end
             own_start[b, pad:], own_end[b, pad:] = p.own_start, p.own_end
         end = int(max(prefix_end.max(), own_end.max()))
+        # Key lengths in a few fixed sizes where attention plans are built per length (CUDA).
+        end = min(-(-end // self.bucket) * self.bucket, self.cache.capacity)
         key = mx.arange(end)[None, None]
         pe, os_, oe = (mx.array(a)[..., None] for a in (prefix_end, own_start, own_end))
         mask = (key < pe) | ((key >= os_) & (key < oe))
@@ -477,7 +481,9 @@ class Batch:
         start = int(r.placement.writes[0])
         tokens = r.tokens if isinstance(r.tokens, mx.array) else mx.array(np.asarray(r.tokens, np.int32))
         view = BatchView(None, start + n, "causal" if n > 1 else None, start)
-        positions = mx.array(np.asarray(r.positions, np.int32)[None])
+        positions = np.asarray(r.positions, np.int32)
+        # A contiguous run takes RoPE's fused path, as in decode.forward.
+        positions = int(positions[0]) if (np.diff(positions) == 1).all() else mx.array(positions[None])
         return self.model(tokens.astype(mx.int32).reshape(1, -1), positions, self.cache, view, last=r.last)
 
 

@@ -10,7 +10,7 @@ may carry ReFusion's knobs: ``slot_size``, ``blocks``, ``slot_threshold``,
 ``left-to-right``).
 
 The standard library's ``ThreadingHTTPServer`` (as ``mlx_lm.server``) parses
-requests in one thread each; one decode thread owns the model and a ``Batch``:
+requests in one thread each; the main thread owns the model and a ``Batch``:
 requests that arrive while others decode join the batch between two steps (up to
 ``--max-concurrency`` at once, the rest wait in a queue), and each step is one
 forward for all of them. A streaming client that goes away frees its sequence.
@@ -149,7 +149,11 @@ class Job:
 # --- the decode thread ----------------------------------------------------------------------
 
 class Engine:
-    """Owns the model; one thread admits jobs into the batch and steps it."""
+    """Owns the model and the batch: ``run`` admits jobs between steps and steps the batch.
+
+    It runs in the thread that loaded the model (MLX streams belong to threads), the
+    main one; the HTTP server's threads only hand jobs over and read their events.
+    """
 
     def __init__(self, model, max_concurrency: int, max_queue: int):
         from .batch import Batch
@@ -161,10 +165,6 @@ class Engine:
         self.waiting: List[Job] = []
         self.running: Dict[int, Job] = {}
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="decode", daemon=True)
-
-    def start(self):
-        self.thread.start()
 
     @property
     def queued(self) -> int:
@@ -177,11 +177,12 @@ class Engine:
         self.incoming.put(job)
 
     def stop(self):
+        """Make ``run`` return (from another thread)."""
         self.stopping.set()
         self.incoming.put(None)
-        self.thread.join(timeout=10)
 
-    def _loop(self):
+    def run(self):
+        """Admit and decode until ``stop`` (or Ctrl-C); jobs still open then get a 503."""
         try:
             while not self.stopping.is_set():
                 self._admit()
@@ -615,12 +616,7 @@ class Reply:
 def make_server(model, tokenizer, model_id: str, defaults: dict, host: str = "127.0.0.1", port: int = 8080,
                 max_concurrency: int = DEFAULT_MAX_CONCURRENCY, max_queue: int = DEFAULT_MAX_QUEUE,
                 verbose: bool = False):
-    """An HTTP server (not yet serving) and its engine (not yet started)."""
-    import mlx.core as mx
-
-    # MLX streams belong to threads: whatever the model still holds unevaluated (constants such
-    # as RoPE frequencies) must be computed here, before the decode thread uses it.
-    mx.eval(model(mx.array([[0]])))
+    """An HTTP server (not yet serving) and its engine (not yet running)."""
     engine = Engine(model, max_concurrency, max_queue)
     service = Service(model, tokenizer, model_id, defaults, engine, verbose)
     handler = type("BoundHandler", (Handler,), {"service": service})
@@ -672,17 +668,18 @@ def serve(args) -> int:
     defaults = dict(DEMO_DEFAULTS if demo else DEFAULTS)
     httpd, engine = make_server(model, tokenizer, model_id, defaults, args.host, args.port,
                                 args.max_concurrency, args.max_queue, args.verbose)
-    engine.start()
     # SIGTERM ends the server the way Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
+    http_thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
+    http_thread.start()
     host, port = httpd.server_address[:2]
     print(f"serving {model_id} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     try:
-        httpd.serve_forever()
+        engine.run()
     except KeyboardInterrupt:
         print("shutting down", file=sys.stderr, flush=True)
     finally:
-        engine.stop()
+        httpd.shutdown()
         httpd.server_close()
     return 0
 
