@@ -239,13 +239,56 @@ class BatchView:
     """Where a batched forward writes (B, L) keys, and what each query sees (B, 1, L, end).
 
     ``start`` (with ``index`` None): every row writes the contiguous run ``start, start+1, ...``;
-    then ``mask`` may be ``"causal"`` or None, as for one sequence alone.
+    then ``mask`` may be ``"causal"`` or None, as for one sequence alone. ``attend``: the
+    sequences are packed in one row (``PackedRows``).
     """
 
     index: Optional[mx.array]
     end: int
     mask: Union[None, str, mx.array]
     start: Optional[int] = None
+    attend: Optional["PackedRows"] = None  # replaces the model's attention (and the cache writes)
+
+
+class PackedRows:
+    """Several sequences' tokens packed one after another in a single row, without padding.
+
+    The linear layers run once over all of them; each sequence's keys go to its own cache
+    row and its queries attend to that row alone (separate attention calls, each the size
+    a sequence decoded alone would make, with the same masks: ``"causal"`` for a run
+    appended after the prefix). This is the CPU's layout: there attention costs in
+    proportion to its scores and every padded token costs as much as a real one. Where a
+    call costs more than its arithmetic (GPUs), one padded forward wins.
+    """
+
+    def __init__(self):
+        self.rows = []  # (offset in the packed row, tokens, visible keys, mask, write start, write index)
+
+    def add(self, r: Forward, offset: int):
+        p, n = r.placement, len(r.positions)
+        end = int(max(p.prefix_end.max(), p.own_end.max()))
+        if p.appends:
+            self.rows.append((offset, n, end, "causal" if n > 1 else None, int(p.writes[0]), None))
+        else:
+            key = np.arange(end)[None]
+            visible = (key < p.prefix_end[:, None]) | ((key >= p.own_start[:, None]) & (key < p.own_end[:, None]))
+            self.rows.append((offset, n, end, mx.array(visible)[None, None], None, mx.array(p.writes)))
+
+    def store(self, layer: "BatchLayerCache", keys: mx.array, values: mx.array):
+        for b, (offset, n, _, _, start, index) in enumerate(self.rows):
+            k, v = keys[:, :, offset : offset + n], values[:, :, offset : offset + n]
+            if index is None:
+                layer.keys[b : b + 1, :, start : start + n] = k
+                layer.values[b : b + 1, :, start : start + n] = v
+            else:
+                layer.keys[b : b + 1, :, index, :] = k
+                layer.values[b : b + 1, :, index, :] = v
+
+    def __call__(self, q, k, v, scale, mask=None):
+        outs = [mx.fast.scaled_dot_product_attention(q[:, :, offset : offset + n], k[b : b + 1, :, :end],
+                                                     v[b : b + 1, :, :end], scale=scale, mask=row_mask)
+                for b, (offset, n, end, row_mask, _, _) in enumerate(self.rows)]
+        return mx.concatenate(outs, axis=2)
 
 
 class BatchLayerCache:
@@ -257,6 +300,9 @@ class BatchLayerCache:
 
     def store(self, keys: mx.array, values: mx.array, view: BatchView):
         """Scatter this forward's keys/values into each row; return the first ``view.end`` entries."""
+        if view.attend is not None:
+            view.attend.store(self, keys, values)
+            return self.keys, self.values
         if view.index is None:
             stop = view.start + keys.shape[2]
             self.keys[:, :, view.start : stop] = keys
@@ -346,6 +392,8 @@ class Batch:
         self.active: List[Generation] = []
         self.forwards = 0
         self.bucket = key_bucket()
+        # The CPU packs the sequences in one row; devices where calls cost more than arithmetic pad.
+        self.packed = mx.default_device() == mx.cpu
 
     def add(self, prompt_ids: Sequence[int], settings: DecodeSettings, *, decoder: str = PLAN_AND_INFILL,
             mask_id: Optional[int] = None, eos_token_id: Union[None, int, Iterable[int]] = None,
@@ -407,9 +455,8 @@ class Batch:
         logits = self._forward([s.pending for s in self.active])
         mx.eval(logits)
         for i, seq in enumerate(self.active):
-            want = seq.pending.last
             try:
-                seq.pending = seq.steps.send(logits[i, logits.shape[1] - want:])
+                seq.pending = seq.steps.send(logits[i])
             except StopIteration:
                 seq.done = True
                 self._finish(seq)
@@ -439,11 +486,31 @@ class Batch:
         else:
             self.cache.clear()
 
-    def _forward(self, requests: List[Forward]) -> mx.array:
-        """Pad the requests (left, so that every row's wanted logits are its last) into one forward."""
+    def _forward(self, requests: List[Forward]) -> List[mx.array]:
+        """One forward for every request; each request's logits (its ``last`` tokens)."""
         self.forwards += 1
         if len(requests) == 1 and requests[0].placement.appends and self.bucket == 1:
-            return self._forward_alone(requests[0])
+            return [self._forward_alone(requests[0])[0]]
+        if self.packed:
+            return self._forward_packed(requests)
+        return self._forward_padded(requests)
+
+    def _forward_packed(self, requests: List[Forward]) -> List[mx.array]:
+        """The requests one after another in a single row (``PackedRows``)."""
+        rows, tokens, positions, offset = PackedRows(), [], [], 0
+        for r in requests:
+            rows.add(r, offset)
+            fed = r.tokens if isinstance(r.tokens, mx.array) else mx.array(np.asarray(r.tokens, np.int32))
+            tokens.append(fed.astype(mx.int32))
+            positions.append(np.asarray(r.positions, np.int32))
+            offset += len(r.positions)
+        view = BatchView(None, 0, None, attend=rows)
+        logits = self.model(mx.concatenate(tokens)[None], mx.array(np.concatenate(positions)[None]),
+                            self.cache, view)[0]
+        return [logits[o + n - r.last : o + n] for (o, n, *_), r in zip(rows.rows, requests)]
+
+    def _forward_padded(self, requests: List[Forward]) -> List[mx.array]:
+        """The requests padded (on the left, so every row's wanted logits are its last) into rows."""
         B = len(requests)
         width = max(len(r.positions) for r in requests)
         last = max(r.last for r in requests)
@@ -472,7 +539,8 @@ class Batch:
         pe, os_, oe = (mx.array(a)[..., None] for a in (prefix_end, own_start, own_end))
         mask = (key < pe) | ((key >= os_) & (key < oe))
         view = BatchView(mx.array(writes), end, mask[:, None])
-        return self.model(mx.stack(rows), mx.array(positions), self.cache, view, last=last)
+        logits = self.model(mx.stack(rows), mx.array(positions), self.cache, view, last=last)
+        return [logits[b, last - r.last:] for b, r in enumerate(requests)]
 
 
     def _forward_alone(self, r: Forward) -> mx.array:

@@ -139,7 +139,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.store(k, v, view)
 
-        if isinstance(mask, mx.array) and mask.shape[-2] > L:
+        attend = getattr(view, "attend", None)
+        if attend is not None:  # batch.py: sequences packed in one row, each attending to its own keys
+            out = attend(q, k, v, scale=self.scale, mask=mask)
+        elif isinstance(mask, mx.array) and mask.shape[-2] > L:
             # More mask rows than queries: pad the queries, so attention sees a shape it has seen.
             q = mx.pad(q, [(0, 0), (0, 0), (0, mask.shape[-2] - L), (0, 0)])
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)[:, :, :L]

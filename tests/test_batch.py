@@ -29,9 +29,13 @@ def alone(model, request):
     return generate_ids(model, prompt, eos_token_id=eos, **knobs).tokens
 
 
-def together(model, requests, max_batch_size=None):
-    """Decode the requests in one Batch, at most ``max_batch_size`` at a time (the rest join later)."""
+def together(model, requests, max_batch_size=None, packed=True):
+    """Decode the requests in one Batch, at most ``max_batch_size`` at a time (the rest join later).
+
+    ``packed``: the CPU's layout (one row, no padding) or the padded one other devices use.
+    """
     batch = Batch(model)
+    batch.packed = packed
     limit = max_batch_size or len(requests)
     waiting, sequences = list(enumerate(requests)), {}
     while waiting or batch.active:
@@ -57,13 +61,14 @@ def random_requests(model, rng, size):
     return requests
 
 
-def test_every_sequence_equals_decoding_it_alone(tiny_model):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_every_sequence_equals_decoding_it_alone(tiny_model, packed):
     rng = np.random.default_rng(11)
     seen = {"eos": 0, "infill": 0, "verify": 0, LEFT_TO_RIGHT: 0}
     for size in range(1, 9):
         requests = random_requests(tiny_model, rng, size)
         expected = [alone(tiny_model, r) for r in requests]
-        results, batch = together(tiny_model, requests)
+        results, batch = together(tiny_model, requests, packed=packed)
         for r, want, got in zip(requests, expected, results):
             assert got.tokens == want, (size, r)
             seen["eos"] += bool(r[3]) and got.tokens[-1] in r[3]
@@ -79,8 +84,8 @@ def test_sequences_joining_a_running_batch_decode_the_same(tiny_model):
     rng = np.random.default_rng(5)
     requests = random_requests(tiny_model, rng, 7)
     expected = [alone(tiny_model, r) for r in requests]
-    for limit in (2, 3):
-        results, batch = together(tiny_model, requests, max_batch_size=limit)
+    for limit, packed in ((2, True), (3, False)):
+        results, batch = together(tiny_model, requests, max_batch_size=limit, packed=packed)
         assert [r.tokens for r in results] == expected
         assert batch.forwards > max(r.model_calls for r in results)  # they could not all run at once
 
