@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import mlx.core as mx
 import numpy as np
 
-from .cache import key_bucket
+from .cache import QUERY_BUCKET, key_bucket
 from .decode import (
     Commit,
     DecodeSettings,
@@ -538,6 +538,8 @@ class Batch:
         key = mx.arange(end)[None, None]
         pe, os_, oe = (mx.array(a)[..., None] for a in (prefix_end, own_start, own_end))
         mask = (key < pe) | ((key >= os_) & (key < oe))
+        if self.bucket > 1 and width % QUERY_BUCKET:  # query lengths in fixed sizes too (CUDA)
+            mask = mx.pad(mask, [(0, 0), (0, QUERY_BUCKET - width % QUERY_BUCKET), (0, 0)], constant_values=True)
         view = BatchView(mx.array(writes), end, mask[:, None])
         logits = self.model(mx.stack(rows), mx.array(positions), self.cache, view, last=last)
         return [logits[b, last - r.last:] for b, r in enumerate(requests)]

@@ -156,3 +156,15 @@ def test_bad_batch_arguments_are_refused(tiny_model):
         batch_generate_ids(tiny_model, [[1] * 1000], decoder=LEFT_TO_RIGHT, gen_length=64)
     with pytest.raises(RefusionError, match="decoder"):
         Batch(tiny_model).add([1, 2], DecodeSettings(), decoder="sideways")
+
+
+def test_the_padded_layout_with_attention_buckets_decodes_the_same(tiny_model):
+    """CUDA's shape: rows padded, key and query lengths rounded up to fixed sizes (masked)."""
+    rng = np.random.default_rng(3)
+    requests = random_requests(tiny_model, rng, 5)
+    batch = Batch(tiny_model)
+    batch.packed, batch.bucket = False, 256
+    sequences = [batch.add(p, DecodeSettings(**k), decoder=d, eos_token_id=e) for p, d, k, e in requests]
+    while batch.active:
+        batch.step()
+    assert [s.result.tokens for s in sequences] == [alone(tiny_model, r) for r in requests]
