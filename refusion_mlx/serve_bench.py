@@ -1,6 +1,6 @@
 """Load benchmark of the server: concurrent clients sending the demo tasks' test prompts.
 
-    python -m refusion_mlx.serve_bench [--model PATH_OR_REPO] [--concurrency 1 4 8 16] [--requests 48]
+    python -m refusion_mlx.serve_bench [--model PATH_OR_REPO] [--concurrency 1 4 8 16] [--requests 48] [--repeat 3]
 
 Starts its own server (``python -m refusion_mlx.server`` on a free port, as a
 subprocess) and, for plan-and-infill and for left-to-right decoding of the same
@@ -9,7 +9,8 @@ prints total tokens/s, requests/s, p50/p95 latency, p50/p95 time to the first
 streamed token, and how many answers are right (the tasks' exact-match check).
 Then a mixed run (``--mixed`` requests: both decoders, streamed or not, chat
 and completions, and malformed ones) counts requests that failed (a wrong
-status or a server error) or were lost (no complete answer). Clients are plain
+status or a server error) or were lost (no complete answer). ``--repeat``
+runs the sweep several times in turn and prints medians (for shared machines). Clients are plain
 ``http.client``; every request is timed from sending it to the last byte.
 """
 
@@ -39,6 +40,7 @@ class Outcome:
     tokens: int
     text: str
     complete: bool  # a whole answer (or a whole error body) came back
+    error: str = ""  # why no answer came back
 
 
 class Client:
@@ -82,10 +84,17 @@ class Client:
                         first = first if first is not None else time.perf_counter() - tic
                         text.append(piece)
             return Outcome(200, time.perf_counter() - tic, first, tokens, "".join(text), done)
-        except (OSError, http.client.HTTPException, ValueError, KeyError):
-            return Outcome(0, time.perf_counter() - tic, None, 0, "", False)
+        except (OSError, http.client.HTTPException, ValueError, KeyError) as e:
+            return Outcome(0, time.perf_counter() - tic, None, 0, "", False, f"{type(e).__name__}: {e}")
         finally:
             conn.close()
+
+
+def report_failures(outcomes: List[Outcome]):
+    """Say on stderr why requests got no answer (connection errors, cut streams)."""
+    for o in outcomes:
+        if o.status == 0 or (o.status == 200 and not o.complete):
+            print(f"no answer: status {o.status}, {o.error or 'the stream ended early'}", file=sys.stderr)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -133,6 +142,7 @@ def load_level(client: Client, examples: List[dict], decoder: str, concurrency: 
                            lambda x: client.post("/v1/chat/completions", chat_body(x["query"], decoder), True))
     wall = time.perf_counter() - tic
     ok = [o for o in outcomes if o.status == 200 and o.complete]
+    report_failures(outcomes)
     tokens = sum(o.tokens for o in ok)
     return {
         "decoder": decoder, "concurrency": concurrency, "requests": len(examples), "failed": len(examples) - len(ok),
@@ -175,6 +185,7 @@ def mixed_run(client: Client, examples: List[dict], size: int, concurrency: int,
     tic = time.perf_counter()
     outcomes = run_clients(jobs, concurrency, lambda j: client.post(j[0], j[1], j[2]))
     wall = time.perf_counter() - tic
+    report_failures(outcomes)
     lost = sum(1 for o in outcomes if o.status == 0 or not o.complete)
     failed = sum(1 for (_, _, _, expect), o in zip(jobs, outcomes) if o.status not in (0, expect))
     return {"requests": size, "answered": sum(o.status == 200 and o.complete for o in outcomes),
@@ -211,6 +222,17 @@ class ServerProcess:
             self.process.kill()
 
 
+def median_row(runs: List[dict]) -> dict:
+    """One row from repeated runs of it: the median of every number (counts added up)."""
+    row = dict(runs[0])
+    for key, value in row.items():
+        if isinstance(value, float):
+            row[key] = statistics.median(r[key] for r in runs)
+    for key in ("requests", "failed", "correct"):
+        row[key] = sum(r[key] for r in runs)
+    return row
+
+
 def format_table(rows: List[dict]) -> str:
     lines = ["| decoder | clients | tokens/s | requests/s | p50 latency (s) | p95 latency (s) | "
              "p50 / p95 first token (s) | correct | failed |",
@@ -228,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16], help="client counts")
     parser.add_argument("--requests", type=int, default=48, help="requests per row (test-split prompts)")
     parser.add_argument("--decoders", nargs="+", choices=DECODERS, default=list(DECODERS))
+    parser.add_argument("--repeat", type=int, default=1, help="sweeps to run in turn; the table shows medians")
     parser.add_argument("--mixed", type=int, default=200, help="size of the mixed run (0: skip)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for the server")
     return parser
@@ -240,8 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def bench(args) -> int:
     from .demo.tasks import test_split
 
-    if args.requests < 1 or min(args.concurrency) < 1 or args.mixed < 0:
-        raise RefusionError("--requests and --concurrency must be positive, --mixed >= 0")
+    if args.requests < 1 or args.repeat < 1 or min(args.concurrency) < 1 or args.mixed < 0:
+        raise RefusionError("--requests, --repeat and --concurrency must be positive, --mixed >= 0")
     examples = test_split(size=args.requests)
     server = ServerProcess(args.model, max(args.concurrency), args.server_arg)
     try:
@@ -249,13 +272,18 @@ def bench(args) -> int:
         for decoder in args.decoders:  # warm-up: kernels built, buffers allocated
             run_clients(examples[:4], 4, lambda x: client.post("/v1/chat/completions",
                                                                chat_body(x["query"], decoder), True))
-        rows = []
-        for decoder in args.decoders:
-            for level in args.concurrency:
-                rows.append(load_level(client, examples, decoder, level))
-                r = rows[-1]
-                print(f"{decoder}, {level} clients: {r['tokens_per_s']:.1f} tokens/s, "
-                      f"{r['requests_per_s']:.2f} requests/s", file=sys.stderr, flush=True)
+        runs = []
+        for _ in range(args.repeat):  # whole sweeps in turn, so a noisy minute hits every row alike
+            for decoder in args.decoders:
+                for level in args.concurrency:
+                    runs.append(load_level(client, examples, decoder, level))
+                    r = runs[-1]
+                    print(f"{decoder}, {level} clients: {r['tokens_per_s']:.1f} tokens/s, "
+                          f"{r['requests_per_s']:.2f} requests/s", file=sys.stderr, flush=True)
+        rows = [median_row([r for r in runs if (r["decoder"], r["concurrency"]) == (d, n)])
+                for d in args.decoders for n in args.concurrency]
+        if args.repeat > 1:
+            print(f"medians of {args.repeat} runs")
         print(format_table(rows))
         for decoder in args.decoders:
             by_level = {r["concurrency"]: r for r in rows if r["decoder"] == decoder}

@@ -613,6 +613,13 @@ class Reply:
         return out
 
 
+class Server(ThreadingHTTPServer):
+    """The standard library's threading server with a listen backlog for many clients at once."""
+
+    daemon_threads = True
+    request_queue_size = 256  # the default 5 drops connections when a burst of clients arrives
+
+
 def make_server(model, tokenizer, model_id: str, defaults: dict, host: str = "127.0.0.1", port: int = 8080,
                 max_concurrency: int = DEFAULT_MAX_CONCURRENCY, max_queue: int = DEFAULT_MAX_QUEUE,
                 verbose: bool = False):
@@ -621,10 +628,9 @@ def make_server(model, tokenizer, model_id: str, defaults: dict, host: str = "12
     service = Service(model, tokenizer, model_id, defaults, engine, verbose)
     handler = type("BoundHandler", (Handler,), {"service": service})
     try:
-        httpd = ThreadingHTTPServer((host, port), handler)
+        httpd = Server((host, port), handler)
     except OSError as e:
         raise RefusionError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    httpd.daemon_threads = True
     return httpd, engine
 
 

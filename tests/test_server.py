@@ -289,3 +289,15 @@ def test_bad_flags_are_one_line():
     out = subprocess.run([sys.executable, "-m", "refusion_mlx.server", "--port", "99999"], capture_output=True,
                          text=True, env=env, timeout=60)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "error:" in out.stderr
+
+
+def test_the_load_benchmark_runs_headless():
+    """serve_bench starts its own server, loads it and reports no failed or lost request."""
+    env = {**os.environ, "PYTHONPATH": with_root_on_path()}
+    out = subprocess.run([sys.executable, "-m", "refusion_mlx.serve_bench", "--requests", "3", "--concurrency",
+                          "1", "3", "--mixed", "12"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| plan-and-infill") or
+            line.startswith("| left-to-right")]
+    assert len(rows) == 4 and all(row.endswith("| 0 |") for row in rows)  # no failed request
+    assert "0 failed, 0 lost" in out.stdout
