@@ -39,6 +39,7 @@ from .decode import (
     generation_tpf,
     in_position_order,
     resolve_eos,
+    settings_for,
     settle,
     slot_positions,
     start_state,
@@ -439,7 +440,8 @@ class Batch:
             seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")
             key = mx.random.key(seed)
         state = DecodeState(cache=None, prompt_length=len(prompt_ids), uncached=prompt_ids, mask_id=-1,
-                            eos_ids=resolve_eos(eos_token_id, self.model), key=key)
+                            eos_ids=resolve_eos(eos_token_id, self.model), gen_length=settings.gen_length,
+                            key=key)
         return state, total
 
     def cancel(self, seq: Generation):
@@ -466,7 +468,7 @@ class Batch:
 
     def _finish(self, seq: Generation):
         state = seq.state
-        tokens = in_position_order(seq.commits, state.eos_ids)
+        tokens = in_position_order(seq.commits, state.eos_ids, state.gen_length)
         if seq.decoder == LEFT_TO_RIGHT:
             tpf = 1.0
         else:
@@ -581,25 +583,31 @@ def batch_generate_ids(
 ) -> List[GenerationResult]:
     """Decode many prompts together; one ``GenerationResult`` per prompt, in order.
 
-    ``common`` are ``generate_ids``'s knobs (gen_length, slot_size, serial_num_blocks,
-    slot_threshold, token_threshold, temperature, seed) for every prompt; ``knobs``
-    (one dict per prompt) overrides them per prompt. At most ``max_batch_size``
-    sequences decode at once; the rest join as others finish. With
-    ``decoder="left-to-right"``, ``gen_length`` is the token budget.
+    Args:
+        model: from ``load`` or ``load_model``.
+        prompts: token ids, one list per prompt.
+        knobs: one dict per prompt of ``generate_ids``'s knobs (gen_length, slot_size,
+            serial_num_blocks, slot_threshold, token_threshold, temperature, seed, preset),
+            over ``common``'s; unset ones come from the preset, the model, the library, as
+            for ``generate_ids``.
+        decoder: ``"plan-and-infill"`` or ``"left-to-right"`` (then gen_length is the budget).
+        max_batch_size: sequences decoded at once; the rest join as others finish.
+        mask_id, eos_token_id, **common: as for ``generate_ids``, for every prompt.
     """
     if knobs is not None and len(knobs) != len(prompts):
         raise RefusionError(f"{len(knobs)} knob sets for {len(prompts)} prompts")
     if max_batch_size <= 0:
         raise RefusionError(f"max_batch_size must be positive, got {max_batch_size}")
-    settings = [DecodeSettings(**{**common, **(knobs[i] if knobs else {})}) for i in range(len(prompts))]
     batch = Batch(model)
-    mx.reset_peak_memory()
+    settings = [settings_for(model, len(p), **{**common, **(knobs[i] if knobs else {})})
+                for i, p in enumerate(prompts)]
     # Validate every request before decoding any.
     for prompt, s in zip(prompts, settings):
         if decoder == LEFT_TO_RIGHT:
             batch._left_to_right_state(prompt, s, eos_token_id)
         elif decoder == PLAN_AND_INFILL:
             start_state(model, prompt, s, mask_id, eos_token_id)
+    mx.reset_peak_memory()
     sequences: List[Optional[Generation]] = [None] * len(prompts)
 
     def adder(i):
@@ -612,19 +620,22 @@ def batch_generate_ids(
     return [s.result for s in sequences]
 
 
-def batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]], *,
+def batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int], List[dict]]], *,
                    knobs: Optional[Sequence[Dict]] = None, system_prompt: Optional[str] = None,
                    use_chat_template: bool = True, enable_thinking: bool = True, verbose: bool = False,
                    **common) -> List[str]:
-    """Texts for many prompts decoded together (``batch_generate_ids`` through the chat template)."""
-    from .presets import DEFAULTS
-    from .text import default_eos, prompt_ids
+    """Texts for many prompts decoded together (``batch_generate_ids`` through the chat template).
+
+    ``prompts`` are what ``generate`` takes (text, chat messages or token ids); the other
+    arguments are ``batch_generate_ids``'s and ``generate``'s.
+    """
+    from .tokenizer_utils import default_eos, prompt_ids
 
     ids = [prompt_ids(tokenizer, p, system_prompt, use_chat_template, enable_thinking) for p in prompts]
     common.setdefault("eos_token_id", default_eos(tokenizer))
     eos = resolve_eos(common["eos_token_id"], model)
     tic = time.perf_counter()
-    results = batch_generate_ids(model, ids, knobs=knobs, **{**DEFAULTS, **common})
+    results = batch_generate_ids(model, ids, knobs=knobs, **common)
     wall = time.perf_counter() - tic
     texts = [tokenizer.decode([t for t in r.tokens if t not in eos], skip_special_tokens=True)
              for r in results]

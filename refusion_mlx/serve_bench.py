@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-from .errors import ArgumentParser, RefusionError, run_command
+from .cli import ArgumentParser, run_command
+from .errors import RefusionError
 
 DECODERS = ("plan-and-infill", "left-to-right")
 

@@ -29,7 +29,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Optional, Sequence
 
-from .errors import ArgumentParser, RefusionError, run_command
+from .cli import ArgumentParser, run_command
+from .errors import RefusionError
 
 DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_MAX_QUEUE = 256
@@ -329,11 +330,10 @@ class Answer:
 class Service:
     """What the HTTP handlers need: the model's name and limits, the tokenizer, the engine."""
 
-    def __init__(self, model, tokenizer, model_id: str, defaults: dict, engine: Engine, verbose: bool = False):
-        from .text import default_eos
+    def __init__(self, model, tokenizer, model_id: str, engine: Engine, verbose: bool = False):
+        from .tokenizer_utils import default_eos
 
-        self.model, self.tokenizer, self.model_id, self.defaults, self.engine = (
-            model, tokenizer, model_id, defaults, engine)
+        self.model, self.tokenizer, self.model_id, self.engine = model, tokenizer, model_id, engine
         self.verbose = verbose
         self.disconnected = 0  # streams whose client went away
         self.eos = frozenset(default_eos(tokenizer))
@@ -342,8 +342,8 @@ class Service:
 
     def job(self, body: dict, chat: bool) -> Job:
         """Check a request's fields and build its job; RequestError for anything wrong."""
-        from .batch import DECODERS, LEFT_TO_RIGHT, PLAN_AND_INFILL
-        from .decode import DecodeSettings
+        from .batch import DECODERS, PLAN_AND_INFILL
+        from .decode import settings_for
         from .presets import PRESETS
 
         allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
@@ -365,60 +365,45 @@ class Service:
         if options is not None:
             _bool(options, "include_usage")
         prompt = self._prompt(body, chat)
-        knobs = dict(self.defaults)
         preset = _choice(body, "preset", sorted(PRESETS))
-        if preset:
-            knobs.update(PRESETS[preset])
-        explicit = {"slot_size": _integer(body, "slot_size", 1), "serial_num_blocks": _integer(body, "blocks", 1),
-                    "slot_threshold": _number(body, "slot_threshold", 0.0, 1.0),
-                    "token_threshold": _number(body, "token_threshold", 0.0, 1.0)}
-        knobs.update({k: v for k, v in explicit.items() if v is not None})
-        temperature = _number(body, "temperature", 0.0, 2.0)
-        knobs["temperature"] = temperature or 0.0
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise RequestError(f"'seed' must be an integer, got {json.dumps(seed)}", "seed")
-        knobs["seed"] = None if seed is None else seed % 2**32
-        decoder = _choice(body, "decoder", DECODERS) or PLAN_AND_INFILL
         max_tokens = _integer(body, "max_tokens", 1)
         if chat:
             max_tokens = _integer(body, "max_completion_tokens", 1) or max_tokens
+        knobs = {"gen_length": max_tokens, "slot_size": _integer(body, "slot_size", 1),
+                 "serial_num_blocks": _integer(body, "blocks", 1),
+                 "slot_threshold": _number(body, "slot_threshold", 0.0, 1.0),
+                 "token_threshold": _number(body, "token_threshold", 0.0, 1.0),
+                 "temperature": _number(body, "temperature", 0.0, 2.0) or 0.0,
+                 "seed": None if seed is None else seed % 2**32}
+        decoder = _choice(body, "decoder", DECODERS) or PLAN_AND_INFILL
         _stops(body)
-
-        limit = self.model.args.max_position_embeddings
-        room = limit - len(prompt)
-        unit = 1 if decoder == LEFT_TO_RIGHT else knobs["slot_size"] * knobs["serial_num_blocks"]
-        where = "messages" if chat else "prompt"
-        if max_tokens is None:  # the model's default, cut to whatever room the prompt leaves
-            max_tokens = min(knobs["gen_length"], room // unit * unit)
-            if max_tokens < 1:
-                raise RequestError(f"the prompt ({len(prompt)} tokens) leaves no room to generate in the "
-                                   f"model's {limit} positions", where, code="context_length_exceeded")
-        # Plan-and-infill decodes whole blocks of whole slots; the answer is cut at max_tokens.
-        gen_length = -(-max_tokens // unit) * unit
-        if len(prompt) + gen_length > limit:
-            raise RequestError(f"prompt ({len(prompt)} tokens) + generation ({gen_length}) exceeds the "
-                               f"model's {limit} positions", where, code="context_length_exceeded")
-        knobs["gen_length"] = gen_length
-        settings = DecodeSettings(**knobs)
+        # Unset knobs: the preset's, then the model's own, then the library's (as generate);
+        # an unset max_tokens is fitted to the room the prompt leaves.
         try:
-            if decoder == PLAN_AND_INFILL:  # left to right has no slots to fit
-                settings.validate()
+            settings = settings_for(self.model, len(prompt), preset=preset, **knobs)
         except RefusionError as e:
             raise RequestError(str(e)) from None
-        return Job(prompt, settings, decoder, max_tokens, self.eos)
+        limit = self.model.args.max_position_embeddings
+        if len(prompt) + settings.gen_length > limit:
+            raise RequestError(f"prompt ({len(prompt)} tokens) + max_tokens ({settings.gen_length}) exceeds the "
+                               f"model's {limit} positions", "messages" if chat else "prompt",
+                               code="context_length_exceeded")
+        return Job(prompt, settings, decoder, settings.gen_length, self.eos)
 
     def _prompt(self, body: dict, chat: bool) -> List[int]:
-        from .data import chat_prompt_ids
+        from .tokenizer_utils import prompt_ids
 
         vocab = self.model.args.vocab_size
         if chat:
             messages = _messages(body)
-            with self.tokenizer_lock:
-                if getattr(self.tokenizer, "chat_template", None):
-                    ids = chat_prompt_ids(self.tokenizer, messages)
-                else:
-                    ids = self.tokenizer.encode("\n".join(m["content"] for m in messages))
+            try:
+                with self.tokenizer_lock:  # the prompt builder shared with training and generate
+                    ids = prompt_ids(self.tokenizer, messages)
+            except RefusionError as e:
+                raise RequestError(str(e), "messages") from None
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -620,12 +605,12 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 256  # the default 5 drops connections when a burst of clients arrives
 
 
-def make_server(model, tokenizer, model_id: str, defaults: dict, host: str = "127.0.0.1", port: int = 8080,
+def make_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8080,
                 max_concurrency: int = DEFAULT_MAX_CONCURRENCY, max_queue: int = DEFAULT_MAX_QUEUE,
                 verbose: bool = False):
     """An HTTP server (not yet serving) and its engine (not yet running)."""
     engine = Engine(model, max_concurrency, max_queue)
-    service = Service(model, tokenizer, model_id, defaults, engine, verbose)
+    service = Service(model, tokenizer, model_id, engine, verbose)
     handler = type("BoundHandler", (Handler,), {"service": service})
     try:
         httpd = Server((host, port), handler)
@@ -662,17 +647,14 @@ def _interrupt(signum, frame):
 
 def serve(args) -> int:
     from .loading import DEMO_MODEL_NAME, is_demo, load
-    from .presets import DEFAULTS, DEMO_DEFAULTS
 
     if args.max_concurrency < 1 or args.max_queue < 1:
         raise RefusionError("--max-concurrency and --max-queue must be positive")
     if not 0 <= args.port <= 65535:
         raise RefusionError(f"--port must be in [0, 65535], got {args.port}")
     model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
-    demo = is_demo(args.model)
-    model_id = DEMO_MODEL_NAME if demo else args.model
-    defaults = dict(DEMO_DEFAULTS if demo else DEFAULTS)
-    httpd, engine = make_server(model, tokenizer, model_id, defaults, args.host, args.port,
+    model_id = DEMO_MODEL_NAME if is_demo(args.model) else args.model
+    httpd, engine = make_server(model, tokenizer, model_id, args.host, args.port,
                                 args.max_concurrency, args.max_queue, args.verbose)
     # SIGTERM ends the server the way Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)

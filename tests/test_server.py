@@ -14,10 +14,9 @@ import pytest
 from conftest import with_root_on_path
 
 from refusion_mlx.autoregressive import generate_ar_ids
-from refusion_mlx.data import chat_prompt_ids
 from refusion_mlx.decode import generate_ids
 from refusion_mlx.loading import load
-from refusion_mlx.presets import DEMO_DEFAULTS
+from refusion_mlx.tokenizer_utils import prompt_ids
 
 ADD = "What is 682 + 459? Work column by column."
 SORT = "Sort these numbers from smallest to largest: 512, 47, 903, 268, 131"
@@ -94,8 +93,8 @@ def test_models_and_health(server):
 def test_chat_answer_is_the_decoders(server, demo):
     model, tokenizer = demo
     reply = chat(server, ADD)
-    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": ADD}])
-    alone = generate_ids(model, ids, eos_token_id=sorted(tokenizer.eos_token_ids), **DEMO_DEFAULTS)
+    ids = prompt_ids(tokenizer, ADD)
+    alone = generate_ids(model, ids, eos_token_id=sorted(tokenizer.eos_token_ids))  # the model's own knobs
     assert reply.choices[0].message.content == decoded(tokenizer, alone.tokens)
     assert reply.choices[0].message.content.endswith("Answer: 1141")
     assert reply.choices[0].finish_reason == "stop"
@@ -107,8 +106,8 @@ def test_completion_cut_at_max_tokens(server, demo):
     reply = server.client.completions.create(model="demo", prompt=REVERSE, max_tokens=20)
     # 20 tokens are decoded as 32 (4 blocks of 8-token slots) and the answer cut at 20.
     alone = generate_ids(model, tokenizer.encode(REVERSE), eos_token_id=sorted(tokenizer.eos_token_ids),
-                         **{**DEMO_DEFAULTS, "gen_length": 32})
-    assert reply.choices[0].text == decoded(tokenizer, alone.tokens[:20])
+                         gen_length=20)
+    assert reply.choices[0].text == decoded(tokenizer, alone.tokens)
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 20
 
 
@@ -140,12 +139,12 @@ def test_seeds_make_sampling_reproducible(server):
 
 def test_knobs_and_decoder_per_request(server, demo):
     model, tokenizer = demo
-    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": ADD}])
+    ids = prompt_ids(tokenizer, ADD)
     eos = sorted(tokenizer.eos_token_ids)
     knobs = dict(gen_length=96, slot_size=4, serial_num_blocks=8, slot_threshold=0.8, token_threshold=0.7)
     reply = chat(server, ADD, max_tokens=96, slot_size=4, blocks=8, slot_threshold=0.8, token_threshold=0.7)
     assert reply.choices[0].message.content == decoded(tokenizer, generate_ids(model, ids, eos_token_id=eos,
-                                                                                **knobs).tokens[:96])
+                                                                                **knobs).tokens)
     ar = chat(server, ADD, max_tokens=120, decoder="left-to-right")
     assert ar.choices[0].message.content == decoded(tokenizer, generate_ar_ids(model, ids, max_tokens=120,
                                                                                 eos_token_id=eos).tokens)
