@@ -10,6 +10,8 @@ COMMANDS = {
     "lora": "fine-tune (LoRA, DoRA, QLoRA, full) with ReFusion's objective",
     "fuse": "fuse adapters into the model",
     "convert": "convert and quantize a checkpoint",
+    "server": "an OpenAI-compatible HTTP server (streaming, continuous batching)",
+    "serve_bench": "load benchmark of the server, plan-and-infill against left-to-right",
 }
 
 
