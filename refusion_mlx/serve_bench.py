@@ -22,6 +22,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -202,12 +203,17 @@ class ServerProcess:
                str(max_concurrency), *extra]
         if model:
             cmd += ["--model", model]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Its stderr goes to a file: a pipe nobody reads could fill up and stall the server.
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                         env=dict(os.environ))
         line = self.process.stdout.readline()
         if "http://" not in line:
-            err = self.process.stderr.read().strip().splitlines()
             self.process.kill()
+            self.process.communicate()
+            self.log.seek(0)
+            err = self.log.read().strip().splitlines()
+            self.log.close()
             raise RefusionError(f"the server did not start: {err[-1] if err else line.strip()}")
         host_port = line.split("//")[1].split("/")[0]
         self.host, port = host_port.rsplit(":", 1)
@@ -221,6 +227,8 @@ class ServerProcess:
             self.process.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.communicate()
+        self.log.close()
 
 
 def median_row(runs: List[dict]) -> dict:

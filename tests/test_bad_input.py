@@ -34,6 +34,8 @@ ENTRY_POINTS = {
     "benchmark": "refusion_mlx.benchmark",
     "demo.tasks": "refusion_mlx.demo.tasks",
     "refusion_mlx": "refusion_mlx.__main__",
+    "server": "refusion_mlx.server",
+    "serve_bench": "refusion_mlx.serve_bench",
 }
 FAST = ["--max-tokens", "16", "--slot-size", "4", "--blocks", "2"]
 ROWS_OF_DATA = [{"query": f"Add {a} and {b}.", "response": f"{a} + {b} = {a + b}."}
@@ -369,9 +371,25 @@ DISPATCHER = {  # python -m refusion_mlx <command>
     "convert with config null": lambda c: ["convert", *conv(c, source=c.model(text="null"))],
 }
 
+SERVER = {  # refused before anything listens
+    "port out of range": lambda c: ["--model", str(c.good_model), "--port", "99999"],
+    "max-concurrency 0": lambda c: ["--model", str(c.good_model), "--max-concurrency", "0"],
+    "model missing": lambda c: ["--model", c.path("nowhere"), "--port", "0"],
+    "model config null": lambda c: ["--model", c.model(text="null"), "--port", "0"],
+    "unknown flag": lambda c: ["--workers", "4"],
+}
+
+SERVE_BENCH = {
+    "requests 0": lambda c: ["--model", str(c.good_model), "--requests", "0"],
+    "concurrency 0": lambda c: ["--model", str(c.good_model), "--concurrency", "0"],
+    "mixed -1": lambda c: ["--model", str(c.good_model), "--mixed", "-1"],
+    "model missing (its server does not start)": lambda c: ["--model", c.path("nowhere"), "--requests", "1"],
+}
+
 TABLES = {
     "generate": GENERATE, "convert": CONVERT, "lora": LORA, "fuse": FUSE, "evaluate": EVALUATE,
-    "benchmark": BENCHMARK, "demo.tasks": DEMO_TASKS, "refusion_mlx": DISPATCHER,
+    "benchmark": BENCHMARK, "demo.tasks": DEMO_TASKS, "refusion_mlx": DISPATCHER, "server": SERVER,
+    "serve_bench": SERVE_BENCH,
 }
 ROWS = [pytest.param(entry, name, id=f"{entry}: {name}") for entry, table in TABLES.items() for name in table]
 # Run again as real processes (~3 s each, so a few): the classes most likely to leak a library's
