@@ -5,10 +5,13 @@ that yields ``Forward`` requests — tokens, RoPE positions, where their keys go
 the sequence's own cache row and what each query may see — and is sent back the
 logits it asked for. The decisions are the single-sequence decoder's, made by
 ``decode.py``'s helpers (``choose_slots``, ``accepted_prefix``, ``first_eos``,
-``update_tags``, ``settle``, ...); only the forwards are collected here. A
-``Batch`` pads the pending requests of all active sequences into one forward over
-a ``BatchCache``; a sequence that finishes (or is cancelled) leaves the batch and a
-new one can join before any step (continuous batching).
+``update_tags``, ``settle``, ...); only the forwards are collected here (the
+control flow of ``iterate``/``infill`` is mirrored as generators, so the single
+decoder stays as fast as it is). A ``Batch`` puts the pending requests of all
+active sequences into one forward over a ``BatchCache``, packed in one row on the
+CPU (``PackedRows``) or padded into rows elsewhere; a sequence that finishes (or
+is cancelled) leaves the batch and a new one can join before any step
+(continuous batching).
 
 Each sequence owns one row of the batched KV buffer: its prefix once, and its
 parallel infill rows behind it as in ``cache.SlotCache`` (prefix + k*slot, never
