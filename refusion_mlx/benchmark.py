@@ -230,8 +230,9 @@ def weights_gb(model) -> float:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e9
 
 
-def run_shape(args, out=sys.stdout):
+def run_shape(args, out=None):
     """The random-weights benchmark at a named shape."""
+    out = out or sys.stdout  # looked up now: a default bound at import would keep a replaced stream
     model = random_model(args.shape, args.dtype or "bfloat16", args.quantize, args.q_group_size)
     gen = args.max_tokens or 256
     ids = mx.random.randint(0, model.args.vocab_size - 2, (args.prompt_tokens,)).tolist()
@@ -246,12 +247,14 @@ def run_shape(args, out=sys.stdout):
     left_to_right_rows(model, ids, args.ar_tokens or min(gen, 128), [], out)
 
 
-def run_model(args, out=sys.stdout):
+def run_model(args, out=None):
     """The benchmark on a real checkpoint and prompt."""
     from .blas import blas_report, warn_if_slow_blas
     from .cli import settings_from_args
     from .loading import load
     from .tokenizer_utils import default_eos, prompt_ids
+
+    out = out or sys.stdout  # looked up now: a default bound at import would keep a replaced stream
 
     settings_from_args(args)  # bad flags fail before the load
     model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
