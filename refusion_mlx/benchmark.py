@@ -99,6 +99,9 @@ class RecordingModel:
         self.model, self.args, self.layers = model, model.args, model.layers
         self.calls: List[Tuple[int, int, Optional[int]]] = []
 
+    def __getattr__(self, name):  # anything else (the model's own decoding defaults...) is the model's
+        return getattr(self.model, name)
+
     def __call__(self, inputs, positions=None, cache=None, view=None, last=None):
         self.calls.append((inputs.shape[1], cache.length if cache is not None else 0, last))
         return self.model(inputs, positions, cache, view, last=last)

@@ -14,8 +14,11 @@ measures a call at 1.0-1.3x a plain forward).
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's package, not an installed one
 import refusion_mlx  # noqa: F401  (before mlx.core: the BLAS preload on Linux)
 import mlx.core as mx
 
