@@ -4,7 +4,7 @@ Each sequence's decoding is a generator (``plan_and_infill`` or ``left_to_right`
 that yields ``Forward`` requests — tokens, RoPE positions, where their keys go in
 the sequence's own cache row and what each query may see — and is sent back the
 logits it asked for. The decisions are the single-sequence decoder's, made by
-``decode.py``'s helpers (``choose_slots``, ``accepted_prefix``, ``first_eos``,
+``decode.py``'s helpers (``choose_slots``, ``verified_slots``,
 ``update_tags``, ``settle``, ...); only the forwards are collected here (the
 control flow of ``iterate``/``infill`` is mirrored as generators, so the single
 decoder stays as fast as it is). A ``Batch`` puts the pending requests of all
@@ -36,9 +36,7 @@ from .decode import (
     DecodeState,
     GenerationResult,
     Plan,
-    accepted_prefix,
     choose_slots,
-    first_eos,
     generation_tpf,
     in_position_order,
     resolve_eos,
@@ -47,6 +45,7 @@ from .decode import (
     slot_positions,
     start_state,
     update_tags,
+    verified_slots,
 )
 from .errors import RefusionError
 from .sampling import draft_tokens, next_token_probability, probability_of
@@ -192,12 +191,11 @@ def iterate(state: DecodeState, pending: List[int], settings: DecodeSettings):
     positions = slot_positions(state, starts, S)
     drafts, accepted = yield from verify(state, drafted.drafts[mx.array(chosen)], positions,
                                          settings.token_threshold)
-    prefix = accepted_prefix(accepted)
-    eos = first_eos(drafts.reshape(-1)[:prefix], state.eos_ids)
-    if eos is not None or prefix >= S:
-        n = eos // S + 1 if eos is not None else prefix // S
-        return settle(state, pending, starts[:n], drafts[:n], positions[:n],
-                      n - 1 if eos is not None else None, "verify", generation_tpf(S, n))
+    verified = verified_slots(drafts, accepted, state.eos_ids, S)
+    if verified is not None:
+        n, eos_slot = verified
+        return settle(state, pending, starts[:n], drafts[:n], positions[:n], eos_slot, "verify",
+                      generation_tpf(S, n))
     tags = np.cumprod(accepted, axis=1).astype(np.int32)
     tokens, rounds, eos_row = yield from infill(state, drafts, positions, tags, settings)
     n = tokens.shape[0]

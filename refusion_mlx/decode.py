@@ -300,6 +300,18 @@ def generation_tpf(slot_size: int, slots: int, rounds: Optional[int] = None) -> 
     return slot_size * slots / (2 * min(rounds + 1, slot_size))
 
 
+def verified_slots(drafts: np.ndarray, accepted: np.ndarray, eos_ids, slot_size: int):
+    """What the verify pass commits: (slots, index of the slot holding an EOS or None), or None
+    when less than one whole slot reads as left-to-right text (then the chosen slots are infilled)."""
+    prefix = accepted_prefix(accepted)
+    eos = first_eos(drafts.reshape(-1)[:prefix], eos_ids)
+    if eos is not None:
+        return eos // slot_size + 1, eos // slot_size
+    if prefix >= slot_size:
+        return prefix // slot_size, None
+    return None
+
+
 def iterate(model, state: DecodeState, pending: List[int], settings: DecodeSettings) -> Commit:
     """One plan-verify(-infill) iteration; removes what it decides from ``pending``."""
     S = settings.slot_size
@@ -309,13 +321,11 @@ def iterate(model, state: DecodeState, pending: List[int], settings: DecodeSetti
     positions = slot_positions(state, starts, S)
     drafts, accepted = verify(model, state, drafted.drafts[mx.array(chosen)], positions,
                               settings.token_threshold)
-    prefix = accepted_prefix(accepted)
-    eos = first_eos(drafts.reshape(-1)[:prefix], state.eos_ids)
-
-    if eos is not None or prefix >= S:
-        n = eos // S + 1 if eos is not None else prefix // S
-        return settle(state, pending, starts[:n], drafts[:n], positions[:n],
-                      n - 1 if eos is not None else None, "verify", generation_tpf(S, n))
+    verified = verified_slots(drafts, accepted, state.eos_ids, S)
+    if verified is not None:
+        n, eos_slot = verified
+        return settle(state, pending, starts[:n], drafts[:n], positions[:n], eos_slot, "verify",
+                      generation_tpf(S, n))
 
     # Nothing committed: the verify pass's entries are simply rewritten by the infill rows.
     tags = np.cumprod(accepted, axis=1).astype(np.int32)
