@@ -1,27 +1,23 @@
 """Many prompts decoded together: one batched forward per step, sequences joining and leaving.
 
-Each sequence's decoding is a generator (``plan_and_infill`` or ``left_to_right``)
-that yields ``Forward`` requests — tokens, RoPE positions, where their keys go in
-the sequence's own cache row and what each query may see — and is sent back the
-logits it asked for. The decisions are the single-sequence decoder's, made by
-``decode.py``'s helpers (``choose_slots``, ``verified_slots``,
-``update_tags``, ``settle``, ...); only the forwards are collected here (the
-control flow of ``iterate``/``infill`` is mirrored as generators, so the single
-decoder stays as fast as it is). A ``Batch`` puts the pending requests of all
-active sequences into one forward over a ``BatchCache``, packed in one row on the
-CPU (``PackedRows``) or padded into rows elsewhere; a sequence that finishes (or
-is cancelled) leaves the batch and a new one can join before any step
-(continuous batching).
+Each sequence's decoding is the single decoder's own step generator
+(``decode.plan_and_infill`` or ``autoregressive.left_to_right``): it yields the
+``Forward`` it needs and gets its logits back, then yields a ``Sync`` when it
+reads results on the host. A ``Batch`` runs the pending forwards of all active
+sequences as one forward over a ``BatchCache`` (packed in one row on the CPU,
+``PackedRows``, padded into rows elsewhere), then evaluates every sequence's
+``Sync`` in one go: one forward and one synchronisation per step, whatever step
+each sequence is at. A sequence that finishes (or is cancelled) leaves the batch
+and a new one can join before any step (continuous batching).
 
-Each sequence owns one row of the batched KV buffer: its prefix once, and its
-parallel infill rows behind it as in ``cache.SlotCache`` (prefix + k*slot, never
-k copies of the prefix). At temperature 0 in float32 a sequence decodes to the
-same tokens as ``generate_ids`` / ``generate_ar_ids`` give it alone, whatever
-batch it shares; with a seed, sampling is the same as well (each sequence keeps
-its own key).
+Each sequence owns one row of the batched KV buffer, laid out as its own
+``SlotCache`` would be: its prefix once, parallel infill rows behind it
+(prefix + k*slot, never k copies of the prefix). At temperature 0 in float32 a
+sequence decodes to the same tokens as ``generate_ids`` / ``generate_ar_ids``
+give it alone, whatever batch it shares; with a seed, sampling is the same as
+well (each sequence keeps its own key).
 """
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
@@ -29,209 +25,49 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import mlx.core as mx
 import numpy as np
 
-from .cache import QUERY_BUCKET, key_bucket
+from .autoregressive import left_to_right, start_ar_state
+from .cache import QUERY_BUCKET, CacheView, SlotCache, key_bucket
 from .decode import (
     Commit,
     DecodeSettings,
     DecodeState,
+    Forward,
     GenerationResult,
-    Plan,
-    choose_slots,
-    generation_tpf,
+    Sync,
     in_position_order,
+    plan_and_infill,
     resolve_eos,
+    rope_positions,
     settings_for,
-    settle,
-    slot_positions,
     start_state,
-    update_tags,
-    verified_slots,
+    token_array,
 )
 from .errors import RefusionError
-from .sampling import draft_tokens, next_token_probability, probability_of
 
 PLAN_AND_INFILL = "plan-and-infill"
 LEFT_TO_RIGHT = "left-to-right"
 DECODERS = (PLAN_AND_INFILL, LEFT_TO_RIGHT)
 
 
-# --- one sequence's cache row, as the decoder steps see it ---------------------------------
+class SequenceCache(SlotCache):
+    """One sequence's row of a ``BatchCache``, as its decoding steps see it.
 
-@dataclass
-class Placement:
-    """Where each fed token's key goes in its sequence's row, and what its query sees.
-
-    Query ``j`` sees entries ``[0, prefix_end[j])`` and ``[own_start[j], own_end[j])``.
+    ``SlotCache``'s layout and views (exact lengths, masks and indices kept on the host,
+    where the batch assembles them) without buffers of its own; entries kept out of
+    place (``keep``, after an EOS cut an infill short) are remembered in ``moves`` and
+    moved in the batch's buffers before the next forward.
     """
 
-    writes: np.ndarray
-    prefix_end: np.ndarray
-    own_start: np.ndarray
-    own_end: np.ndarray
-    appends: bool = False  # contiguous writes after the prefix, causal among themselves
-
-
-class SequenceCache:
-    """The committed length of one sequence's row; ``SlotCache``'s bookkeeping without buffers."""
-
     def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.length = 0
+        super().__init__(0, capacity, bucket=1)
+        self.moves: List[tuple] = []  # (source entries, first destination entry)
 
-    def _check_room(self, end: int):
-        if end > self.capacity:
-            raise ValueError(f"cache overflow: {end} entries > capacity {self.capacity}")
+    def _masked(self, start, end, visible, width, index=None) -> CacheView:
+        return CacheView(start, index, end, visible, width)
 
-    def append(self, n: int) -> Placement:
-        """``n`` tokens after the committed ones, causal among themselves."""
-        self._check_room(self.length + n)
-        writes = self.length + np.arange(n)
-        empty = np.zeros(n, dtype=np.int64)
-        return Placement(writes, writes + 1, empty, empty, appends=True)
-
-    def rows(self, num_rows: int, slot_size: int, start: int) -> Placement:
-        """Tokens ``start..slot_size-1`` of ``num_rows`` slot rows laid out row after row behind
-        the prefix; each sees the prefix and its own row up to itself."""
-        base = self.length
-        self._check_room(base + num_rows * slot_size)
-        row_start = base + np.repeat(np.arange(num_rows), slot_size - start) * slot_size
-        writes = row_start + np.tile(np.arange(start, slot_size), num_rows)
-        return Placement(writes, np.full(writes.size, base), row_start, writes + 1)
-
-    def commit(self, n: int):
-        """Keep the ``n`` entries written right after the committed ones."""
-        self._check_room(self.length + n)
-        self.length += n
-
-
-@dataclass
-class Forward:
-    """One sequence's share of a batched forward: flat tokens (host or lazy device array)."""
-
-    tokens: Union[np.ndarray, mx.array]
-    positions: np.ndarray
-    placement: Placement
-    last: int  # logits are wanted for the last ``last`` tokens
-
-
-def request(state: DecodeState, tokens, positions, placement: Placement, last: Optional[int] = None):
-    """Ask for the logits of ``tokens``; counts the call as ``decode.forward`` does."""
-    n = int(tokens.size) if isinstance(tokens, mx.array) else len(tokens)
-    state.model_calls += 1
-    state.tokens_fed += n
-    logits = yield Forward(tokens, np.asarray(positions).reshape(-1), placement, last or n)
-    return logits
-
-
-# --- plan-and-infill as a generator of forward requests (decode.py's steps, same decisions) ----
-
-def plan(state: DecodeState, pending: Sequence[int], settings: DecodeSettings):
-    S = settings.slot_size
-    n = len(pending) * S
-    tokens = state.uncached + [state.mask_id] * n
-    positions = list(range(len(state.uncached))) + slot_positions(state, pending, S).reshape(-1).tolist()
-    logits = yield from request(state, tokens, positions, state.cache.append(len(tokens)), last=n)
-    state.cache.commit(len(state.uncached))
-    state.uncached = []
-    logits = logits.reshape(len(pending), S, -1)
-    key = None
-    if settings.temperature > 0:
-        state.key, key = mx.random.split(state.key)
-    drafts = draft_tokens(logits, settings.temperature, key)
-    return Plan(drafts, probability_of(logits[:, 0], drafts[:, 0]))
-
-
-def verify(state: DecodeState, drafts: mx.array, positions: np.ndarray, token_threshold: float):
-    flat = drafts.reshape(-1)
-    logits = yield from request(state, flat, positions, state.cache.append(flat.size))
-    accepted = next_token_probability(logits, flat).reshape(drafts.shape) > token_threshold
-    accepted[:, 0] = True
-    return np.array(drafts), np.array(accepted)
-
-
-def infill_round(state: DecodeState, tokens: np.ndarray, tags: np.ndarray, positions: np.ndarray,
-                 start: int, slot_size: int):
-    rows = tokens.shape[0]
-    placement = state.cache.rows(rows, slot_size, start)
-    fed_positions = positions[:, start:]
-    tagged = tags[:, start:] == 1
-    masked = np.where(tagged, tokens[:, start:], state.mask_id).reshape(-1)
-    draft_logits = yield from request(state, masked, fed_positions, placement)
-    proposed = mx.argmax(draft_logits, axis=-1).reshape(rows, slot_size - start)
-    fed = mx.where(mx.array(tagged), mx.array(tokens[:, start:]), proposed)
-    verify_logits = yield from request(state, fed.reshape(-1), fed_positions, placement)
-    p = next_token_probability(verify_logits.reshape(rows, slot_size - start, -1), fed)
-    return np.array(fed), np.array(p)
-
-
-def infill(state: DecodeState, drafts: np.ndarray, positions: np.ndarray, tags: np.ndarray,
-           settings: DecodeSettings):
-    S = settings.slot_size
-    tokens, tags, positions = drafts.copy(), tags.copy(), positions.copy()
-    start, rounds, eos_row = 0, 0, None
-    while not tags.all() and rounds < S:
-        rounds += 1
-        tokens[:, start:], p = yield from infill_round(state, tokens, tags, positions, start, S)
-        tags[:, start:] = update_tags(tags[:, start:], p, settings.token_threshold)
-        eos_hits = np.isin(tokens[:, start:], list(state.eos_ids)) & (tags[:, start:] == 1)
-        if eos_hits.any():
-            eos_row = int(np.flatnonzero(eos_hits.any(axis=1))[0])
-            tokens, tags, positions = tokens[: eos_row + 1], tags[: eos_row + 1], positions[: eos_row + 1]
-            tags[eos_row] = 1
-        newly = int(tags[:, start:].sum(axis=1).min())
-        start += newly - 1 if not tags.all() else newly
-    return tokens, rounds, eos_row
-
-
-def iterate(state: DecodeState, pending: List[int], settings: DecodeSettings):
-    S = settings.slot_size
-    drafted = yield from plan(state, pending, settings)
-    chosen = choose_slots(drafted.confidence.tolist(), settings.slot_threshold)
-    starts = [pending[i] for i in chosen]
-    positions = slot_positions(state, starts, S)
-    drafts, accepted = yield from verify(state, drafted.drafts[mx.array(chosen)], positions,
-                                         settings.token_threshold)
-    verified = verified_slots(drafts, accepted, state.eos_ids, S)
-    if verified is not None:
-        n, eos_slot = verified
-        return settle(state, pending, starts[:n], drafts[:n], positions[:n], eos_slot, "verify",
-                      generation_tpf(S, n))
-    tags = np.cumprod(accepted, axis=1).astype(np.int32)
-    tokens, rounds, eos_row = yield from infill(state, drafts, positions, tags, settings)
-    n = tokens.shape[0]
-    return settle(state, pending, starts[:n], tokens, positions[:n], eos_row, "infill",
-                  generation_tpf(S, len(chosen), rounds))
-
-
-def plan_and_infill(state: DecodeState, settings: DecodeSettings, on_commit: Callable[[Commit], None]):
-    """One sequence's plan-and-infill (``decode.generate_step``) as forward requests."""
-    block, S = settings.block_length, settings.slot_size
-    for b in range(settings.serial_num_blocks):
-        pending = list(range(b * block, (b + 1) * block, S))
-        while pending:
-            on_commit((yield from iterate(state, pending, settings)))
-        if state.finished:
-            break
-
-
-def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Callable[[Commit], None]):
-    """One sequence's left-to-right decoding (``generate_ar_ids``): ``gen_length`` tokens at most."""
-    prompt = state.uncached
-    state.uncached = []
-    fed, start = prompt, 0
-    for n in range(settings.gen_length):
-        logits = yield from request(state, fed, range(start, start + len(fed)),
-                                    state.cache.append(len(fed)), last=1)
-        state.cache.commit(len(fed))
-        key = None
-        if settings.temperature > 0:
-            state.key, key = mx.random.split(state.key)
-        token = draft_tokens(logits[-1], settings.temperature, key).item()
-        on_commit(Commit([n], [token], LEFT_TO_RIGHT, 0, 1.0))
-        if token in state.eos_ids:
-            state.finished = True
-            return
-        fed, start = [token], start + len(fed)
+    def keep(self, entries: mx.array):
+        self.moves.append((entries, self.length))
+        super().keep(entries)
 
 
 # --- the batched KV cache ----------------------------------------------------------------
@@ -252,29 +88,32 @@ class BatchView:
     attend: Optional["PackedRows"] = None  # replaces the model's attention (and the cache writes)
 
 
+def written(view: CacheView, n: int) -> np.ndarray:
+    """The entries a view's ``n`` tokens are written to."""
+    return np.arange(view.start, view.start + n) if view.index is None else np.asarray(view.index)
+
+
 class PackedRows:
     """Several sequences' tokens packed one after another in a single row, without padding.
 
     The linear layers run once over all of them; each sequence's keys go to its own cache
     row and its queries attend to that row alone (separate attention calls, each the size
-    a sequence decoded alone would make, with the same masks: ``"causal"`` for a run
-    appended after the prefix). This is the CPU's layout: there attention costs in
-    proportion to its scores and every padded token costs as much as a real one. Where a
-    call costs more than its arithmetic (GPUs), one padded forward wins.
+    a sequence decoded alone would make, with the same masks). This is the CPU's layout:
+    there attention costs in proportion to its scores and every padded token costs as much
+    as a real one. Where a call costs more than its arithmetic (GPUs), one padded forward wins.
     """
 
-    def __init__(self):
+    def __init__(self, dtype):
+        self.dtype = dtype
         self.rows = []  # (offset in the packed row, tokens, visible keys, mask, write start, write index)
 
-    def add(self, r: Forward, offset: int):
-        p, n = r.placement, len(r.positions)
-        end = int(max(p.prefix_end.max(), p.own_end.max()))
-        if p.appends:
-            self.rows.append((offset, n, end, "causal" if n > 1 else None, int(p.writes[0]), None))
-        else:
-            key = np.arange(end)[None]
-            visible = (key < p.prefix_end[:, None]) | ((key >= p.own_start[:, None]) & (key < p.own_end[:, None]))
-            self.rows.append((offset, n, end, mx.array(visible)[None, None], None, mx.array(p.writes)))
+    def add(self, need: Forward, offset: int):
+        view, n = need.view, need.size
+        mask = view.mask
+        if isinstance(mask, np.ndarray):  # additive once, not in every layer
+            mask = mx.where(mx.array(mask), mx.array(0, self.dtype), mx.array(-mx.inf, self.dtype))
+        index = None if view.index is None else mx.array(view.index)
+        self.rows.append((offset, n, view.width, mask, view.start, index))
 
     def store(self, layer: "BatchLayerCache", keys: mx.array, values: mx.array):
         for b, (offset, n, _, _, start, index) in enumerate(self.rows):
@@ -314,6 +153,12 @@ class BatchLayerCache:
             self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
             self.values = mx.put_along_axis(self.values, index, values, axis=2)
         return self.keys[:, :, : view.end], self.values[:, :, : view.end]
+
+    def move(self, row: int, source: mx.array, start: int):
+        """In row ``row``, copy the entries at ``source`` to ``start, start+1, ...``."""
+        stop = start + source.size
+        self.keys[row : row + 1, :, start:stop] = self.keys[row : row + 1][:, :, source]
+        self.values[row : row + 1, :, start:stop] = self.values[row : row + 1][:, :, source]
 
     def resize(self, rows: mx.array, batch: int, capacity: int, like: Optional[tuple] = None):
         """Keep buffer rows ``rows`` (in that order), then pad to ``batch`` rows and ``capacity``."""
@@ -390,6 +235,7 @@ class Batch:
         dtype = model.model.embed_tokens.weight.dtype
         if not mx.issubdtype(dtype, mx.floating):  # a quantized embedding: its scales' dtype
             dtype = model.model.embed_tokens.scales.dtype
+        self.dtype = dtype
         self.cache = BatchCache(len(model.layers), args.num_key_value_heads, args.head_dim, dtype)
         self.active: List[Generation] = []
         self.forwards = 0
@@ -402,15 +248,11 @@ class Batch:
             on_commit: Optional[Callable[[Generation, Commit], None]] = None) -> Generation:
         """Validate one request and put it in the batch (it takes part from the next step on).
 
-        Raises ``RefusionError`` for bad knobs or prompts, as ``generate_ids`` does.
+        Raises ``RefusionError`` for bad knobs or prompts, as ``generate_ids`` (or, for
+        left-to-right, ``generate_ar_ids`` with max_tokens = gen_length) does.
         """
-        if decoder not in DECODERS:
-            raise RefusionError(f"unknown decoder {decoder!r} (choose from {', '.join(DECODERS)})")
-        if decoder == LEFT_TO_RIGHT:
-            state, capacity = self._left_to_right_state(prompt_ids, settings, eos_token_id)
-        else:
-            state = start_state(self.model, prompt_ids, settings, mask_id, eos_token_id)
-            capacity = state.prompt_length + settings.padded_length
+        state = self.start(prompt_ids, settings, decoder, mask_id, eos_token_id)
+        capacity = state.cache.limit
         state.cache = SequenceCache(capacity)
         seq = Generation(state, settings, decoder, on_commit, started=time.perf_counter())
         decode = left_to_right if decoder == LEFT_TO_RIGHT else plan_and_infill
@@ -421,51 +263,58 @@ class Batch:
         self.active.append(seq)
         return seq
 
-    def _left_to_right_state(self, prompt_ids, settings: DecodeSettings, eos_token_id):
-        """Checks and state of ``generate_ar_ids`` (gen_length is max_tokens; no slots)."""
-        prompt_ids = [int(t) for t in prompt_ids]
-        if not prompt_ids:
-            raise RefusionError("the prompt is empty")
-        if settings.gen_length <= 0:
-            raise RefusionError(f"max_tokens must be positive, got {settings.gen_length}")
-        if settings.temperature < 0:
-            raise RefusionError(f"temperature must be >= 0, got {settings.temperature}")
-        total = len(prompt_ids) + settings.gen_length
-        limit = self.model.args.max_position_embeddings
-        if total > limit:
-            raise RefusionError(f"prompt + max_tokens = {total} exceeds max_position_embeddings ({limit})")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.model.args.vocab_size:
-            raise RefusionError(f"prompt token ids must be in [0, {self.model.args.vocab_size})")
-        key = None
-        if settings.temperature > 0:
-            seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(4), "little")
-            key = mx.random.key(seed)
-        state = DecodeState(cache=None, prompt_length=len(prompt_ids), uncached=prompt_ids, mask_id=-1,
-                            eos_ids=resolve_eos(eos_token_id, self.model), gen_length=settings.gen_length,
-                            key=key)
-        return state, total
+    def start(self, prompt_ids, settings: DecodeSettings, decoder: str, mask_id=None,
+              eos_token_id=None) -> DecodeState:
+        """The checked state of one request, as the single decoders make it."""
+        if decoder == LEFT_TO_RIGHT:
+            return start_ar_state(self.model, prompt_ids, settings.gen_length, settings.temperature,
+                                  settings.seed, eos_token_id)
+        if decoder == PLAN_AND_INFILL:
+            return start_state(self.model, prompt_ids, settings, mask_id, eos_token_id)
+        raise RefusionError(f"unknown decoder {decoder!r} (choose from {', '.join(DECODERS)})")
 
     def cancel(self, seq: Generation):
         """Drop a sequence before the next step (its client went away, or it has what it needs)."""
         seq.cancelled = True
 
     def step(self) -> List[Generation]:
-        """One batched forward for every active sequence; returns the sequences that left the batch."""
+        """One batched forward for every active sequence; returns the sequences that left the batch.
+
+        Each sequence is sent its logits and runs on to its next forward; those that must
+        look at results on the host first (``Sync``) are evaluated together, in one go.
+        """
         left = [s for s in self.active if s.cancelled]
         self._drop(left)
         if not self.active:
             return left
-        logits = self._forward([s.pending for s in self.active])
-        mx.eval(logits)
-        for i, seq in enumerate(self.active):
-            try:
-                seq.pending = seq.steps.send(logits[i])
-            except StopIteration:
-                seq.done = True
-                self._finish(seq)
-                left.append(seq)
+        self._move_kept_entries()
+        replies = list(zip(self.active, self._forward([s.pending for s in self.active])))
+        while replies:
+            syncs = []
+            for seq, reply in replies:
+                try:
+                    need = seq.steps.send(reply)
+                except StopIteration:
+                    seq.done = True
+                    self._finish(seq)
+                    left.append(seq)
+                    continue
+                if isinstance(need, Sync):
+                    syncs.append((seq, need))
+                else:
+                    seq.pending = need
+            if syncs:
+                mx.eval(*[a for _, need in syncs for a in need.arrays])
+            replies = [(seq, None) for seq, _ in syncs]
         self._drop([s for s in self.active if s.done])
         return left
+
+    def _move_kept_entries(self):
+        for b, seq in enumerate(self.active):
+            for source, start in seq.state.cache.moves:
+                for layer in self.cache.layers:
+                    layer.move(b, source, start)
+            seq.state.cache.moves.clear()
 
     def _finish(self, seq: Generation):
         state = seq.state
@@ -489,75 +338,73 @@ class Batch:
         else:
             self.cache.clear()
 
-    def _forward(self, requests: List[Forward]) -> List[mx.array]:
-        """One forward for every request; each request's logits (its ``last`` tokens)."""
+    def _forward(self, needs: List[Forward]) -> List[mx.array]:
+        """One forward for every sequence's ``Forward``; each one's (lazy) logits."""
         self.forwards += 1
-        if len(requests) == 1 and requests[0].placement.appends and self.bucket == 1:
-            return [self._forward_alone(requests[0])[0]]
+        if len(needs) == 1 and needs[0].view.index is None and not isinstance(needs[0].view.mask, np.ndarray) \
+                and self.bucket == 1:
+            return [self._forward_alone(needs[0])]
         if self.packed:
-            return self._forward_packed(requests)
-        return self._forward_padded(requests)
+            return self._forward_packed(needs)
+        return self._forward_padded(needs)
 
-    def _forward_packed(self, requests: List[Forward]) -> List[mx.array]:
-        """The requests one after another in a single row (``PackedRows``)."""
-        rows, tokens, positions, offset = PackedRows(), [], [], 0
-        for r in requests:
-            rows.add(r, offset)
-            fed = r.tokens if isinstance(r.tokens, mx.array) else mx.array(np.asarray(r.tokens, np.int32))
-            tokens.append(fed.astype(mx.int32))
-            positions.append(np.asarray(r.positions, np.int32))
-            offset += len(r.positions)
-        view = BatchView(None, 0, None, attend=rows)
-        logits = self.model(mx.concatenate(tokens)[None], mx.array(np.concatenate(positions)[None]),
-                            self.cache, view)[0]
-        return [logits[o + n - r.last : o + n] for (o, n, *_), r in zip(rows.rows, requests)]
+    def _forward_packed(self, needs: List[Forward]) -> List[mx.array]:
+        """The sequences' tokens one after another in a single row (``PackedRows``); logits are
+        computed for the wanted tokens only."""
+        rows, wanted, offset = PackedRows(self.dtype), [], 0
+        for need in needs:
+            rows.add(need, offset)
+            wanted.append(np.arange(offset + need.size - (need.last or need.size), offset + need.size))
+            offset += need.size
+        tokens = mx.concatenate([token_array(need.tokens) for need in needs])[None]
+        positions = mx.array(np.concatenate([need.positions for need in needs])[None])
+        logits = self.model(tokens, positions, self.cache, BatchView(None, 0, None, attend=rows),
+                            wanted=mx.array(np.concatenate(wanted)))[0]
+        bounds = np.cumsum([0] + [len(w) for w in wanted])
+        return [logits[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
-    def _forward_padded(self, requests: List[Forward]) -> List[mx.array]:
-        """The requests padded (on the left, so every row's wanted logits are its last) into rows."""
-        B = len(requests)
-        width = max(len(r.positions) for r in requests)
-        last = max(r.last for r in requests)
+    def _forward_padded(self, needs: List[Forward]) -> List[mx.array]:
+        """The sequences padded (on the left, so every row's wanted logits are its last) into rows."""
+        B = len(needs)
+        width = max(need.size for need in needs)
+        last = max(need.last or need.size for need in needs)
+        end = max(need.view.end for need in needs)
+        # Key lengths in a few fixed sizes where attention plans are built per length (CUDA).
+        end = min(-(-end // self.bucket) * self.bucket, self.cache.capacity)
         scratch = self.cache.capacity - 1
         positions = np.zeros((B, width), dtype=np.int32)
         writes = np.full((B, width), scratch, dtype=np.int32)
-        # Padding queries see entry 0 only (never an empty row, which would be NaN).
-        prefix_end = np.ones((B, width), dtype=np.int32)
-        own_start = np.zeros((B, width), dtype=np.int32)
-        own_end = np.zeros((B, width), dtype=np.int32)
-        rows = []
-        for b, r in enumerate(requests):
-            n = len(r.positions)
+        visible = np.zeros((B, width, end), dtype=bool)
+        visible[:, :, 0] = True  # padding queries see entry 0 only (never an empty row, which is NaN)
+        key = np.arange(end)
+        tokens = []
+        for b, need in enumerate(needs):
+            n, view = need.size, need.view
             pad = width - n
-            tokens = r.tokens if isinstance(r.tokens, mx.array) else mx.array(np.asarray(r.tokens, np.int32))
-            rows.append(mx.concatenate([mx.zeros((pad,), mx.int32), tokens.astype(mx.int32)]) if pad else
-                        tokens.astype(mx.int32))
-            positions[b, pad:] = r.positions
-            p = r.placement
-            writes[b, pad:], prefix_end[b, pad:] = p.writes, p.prefix_end
-            own_start[b, pad:], own_end[b, pad:] = p.own_start, p.own_end
-        end = int(max(prefix_end.max(), own_end.max()))
-        # Key lengths in a few fixed sizes where attention plans are built per length (CUDA).
-        end = min(-(-end // self.bucket) * self.bucket, self.cache.capacity)
-        key = mx.arange(end)[None, None]
-        pe, os_, oe = (mx.array(a)[..., None] for a in (prefix_end, own_start, own_end))
-        mask = (key < pe) | ((key >= os_) & (key < oe))
+            fed = token_array(need.tokens)
+            tokens.append(mx.concatenate([mx.zeros((pad,), mx.int32), fed]) if pad else fed)
+            positions[b, pad:] = need.positions
+            writes[b, pad:] = written(view, n)
+            if view.mask is None:
+                visible[b, pad:] = key < view.end
+            elif isinstance(view.mask, str):  # "causal": each sees the entries up to its own
+                visible[b, pad:] = key[None] <= writes[b, pad:, None]
+            else:
+                visible[b, pad:] = False
+                visible[b, pad:, : view.width] = view.mask
         if self.bucket > 1 and width % QUERY_BUCKET:  # query lengths in fixed sizes too (CUDA)
-            mask = mx.pad(mask, [(0, 0), (0, QUERY_BUCKET - width % QUERY_BUCKET), (0, 0)], constant_values=True)
-        view = BatchView(mx.array(writes), end, mask[:, None])
-        logits = self.model(mx.stack(rows), mx.array(positions), self.cache, view, last=last)
-        return [logits[b, last - r.last:] for b, r in enumerate(requests)]
+            visible = np.pad(visible, [(0, 0), (0, QUERY_BUCKET - width % QUERY_BUCKET), (0, 0)],
+                             constant_values=True)
+        view = BatchView(mx.array(writes), end, mx.array(visible)[:, None])
+        logits = self.model(mx.stack(tokens), mx.array(positions), self.cache, view, last=last)
+        return [logits[b, last - (need.last or need.size):] for b, need in enumerate(needs)]
 
-
-    def _forward_alone(self, r: Forward) -> mx.array:
+    def _forward_alone(self, need: Forward) -> mx.array:
         """One sequence appending: contiguous writes and a causal mask, exactly as ``decode.forward``."""
-        n = len(r.positions)
-        start = int(r.placement.writes[0])
-        tokens = r.tokens if isinstance(r.tokens, mx.array) else mx.array(np.asarray(r.tokens, np.int32))
-        view = BatchView(None, start + n, "causal" if n > 1 else None, start)
-        positions = np.asarray(r.positions, np.int32)
-        # A contiguous run takes RoPE's fused path, as in decode.forward.
-        positions = int(positions[0]) if (np.diff(positions) == 1).all() else mx.array(positions[None])
-        return self.model(tokens.astype(mx.int32).reshape(1, -1), positions, self.cache, view, last=r.last)
+        start, n = need.view.start, need.size
+        view = BatchView(None, start + n, need.view.mask, start)
+        return self.model(token_array(need.tokens)[None], rope_positions(need.positions), self.cache, view,
+                          last=need.last)[0]
 
 
 # --- library entry points ------------------------------------------------------------------
@@ -604,10 +451,7 @@ def batch_generate_ids(
                 for i, p in enumerate(prompts)]
     # Validate every request before decoding any.
     for prompt, s in zip(prompts, settings):
-        if decoder == LEFT_TO_RIGHT:
-            batch._left_to_right_state(prompt, s, eos_token_id)
-        elif decoder == PLAN_AND_INFILL:
-            start_state(model, prompt, s, mask_id, eos_token_id)
+        batch.start(prompt, s, decoder, mask_id, eos_token_id)
     mx.reset_peak_memory()
     sequences: List[Optional[Generation]] = [None] * len(prompts)
 

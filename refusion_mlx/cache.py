@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Union
 
 import mlx.core as mx
+import numpy as np
 
 
 QUERY_BUCKET = 32  # with key buckets, masked attention also pads its queries to a multiple of this
@@ -108,12 +109,14 @@ class SlotCache:
     def _width(self, end: int) -> int:
         return min(-(-end // self.bucket) * self.bucket, self.capacity)
 
-    def _masked(self, start: int, end: int, visible: mx.array, width: int, index=None) -> CacheView:
-        """A view with a boolean mask; with key buckets its query rows are padded too (see key_bucket)."""
+    def _masked(self, start: int, end: int, visible: np.ndarray, width: int,
+                index: Optional[np.ndarray] = None) -> CacheView:
+        """A view with a boolean mask (queries, width) made on the host; with key buckets its query
+        rows are padded too (see key_bucket)."""
         if self.bucket > 1 and visible.shape[0] % QUERY_BUCKET:
             pad = QUERY_BUCKET - visible.shape[0] % QUERY_BUCKET
-            visible = mx.concatenate([visible, mx.ones((pad, width), dtype=mx.bool_)])
-        return CacheView(start, index, end, visible, width)
+            visible = np.concatenate([visible, np.ones((pad, width), dtype=bool)])
+        return CacheView(start, None if index is None else mx.array(index), end, mx.array(visible), width)
 
     def append(self, n: int) -> CacheView:
         """View for ``n`` tokens after the committed ones, causal in cache order."""
@@ -123,7 +126,7 @@ class SlotCache:
         if width == end or n == 1:
             # One query: attend to exactly the entries so far (no mask, the fast path everywhere).
             return CacheView(start, None, end, "causal" if n > 1 else None)
-        visible = mx.arange(width)[None] <= mx.arange(start, end)[:, None]
+        visible = np.arange(width)[None] <= np.arange(start, end)[:, None]
         return self._masked(start, end, visible, width)
 
     def rows(self, num_rows: int, slot_size: int, start: int, layout_rows: Optional[int] = None) -> CacheView:
@@ -141,9 +144,9 @@ class SlotCache:
         end = base + R * slot_size
         self._check_room(end)
         width = self._width(end)
-        query_offset = mx.repeat(mx.arange(start, slot_size), num_rows)[:, None]
-        query_row = mx.tile(mx.arange(num_rows), slot_size - start)[:, None]
-        key = mx.arange(width)[None]
+        query_offset = np.repeat(np.arange(start, slot_size), num_rows)[:, None]
+        query_row = np.tile(np.arange(num_rows), slot_size - start)[:, None]
+        key = np.arange(width)[None]
         key_row, key_offset = (key - base) % R, (key - base) // R
         mask = (key < base) | ((key < end) & (key_row == query_row) & (key_offset <= query_offset))
         if num_rows == R:

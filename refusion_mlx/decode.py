@@ -11,8 +11,13 @@ One iteration over the pending slots of the current block:
               parallel rows, each seeing the committed prefix and its own slot;
 * ``commit``  keep tokens, positions and the KV entries already in the cache.
 
-``generate_step`` yields a ``Commit`` after each iteration; ``generate_ids``
-collects them into a ``GenerationResult``. docs/decoding.md describes the
+Each step is a generator: it yields the ``Forward`` it needs (tokens, positions,
+a cache view) and gets the logits back, and yields a ``Sync`` when it needs lazy
+results on the host. ``generate_step`` serves one sequence's requests at once;
+``batch.Batch`` serves many sequences' together, one forward and one
+synchronisation per step for all of them, so the single and the batched decoder
+are the same code. ``generate_step`` yields a ``Commit`` after each iteration;
+``generate_ids`` collects them into a ``GenerationResult``. docs/decoding.md describes the
 semantics, and the one upstream defect fixed here (text dropped when EOS is
 found while infilling).
 """
@@ -20,7 +25,7 @@ found while infilling).
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -129,10 +134,10 @@ class DecodeState:
 
 @dataclass
 class Plan:
-    """What one masked forward proposes for the pending slots."""
+    """What one masked forward proposes for the pending slots (host arrays)."""
 
-    drafts: mx.array  # (pending, slot) drafted tokens
-    confidence: mx.array  # (pending,) probability of each slot's first token
+    drafts: np.ndarray  # (pending, slot) drafted tokens
+    confidence: np.ndarray  # (pending,) probability of each slot's first token
 
 
 @dataclass
@@ -145,18 +150,64 @@ class InfillResult:
     layout_rows: int  # rows the infill began with: how the rows' entries are laid out in the cache
 
 
-def forward(model, state: DecodeState, tokens, positions, view: CacheView,
-            last: Optional[int] = None) -> mx.array:
-    """Logits of ``tokens`` (host or lazy device array) fed as one flat sequence; counts the call."""
-    inputs = tokens if isinstance(tokens, mx.array) else mx.array(np.asarray(tokens, dtype=np.int32))
-    inputs = inputs.reshape(1, -1)
-    pos = np.asarray(positions, dtype=np.int32).reshape(-1)
-    # A contiguous run (the prompt, one slot, neighbouring slots) takes RoPE's fused path.
-    pos = int(pos[0]) if (np.diff(pos) == 1).all() else mx.array(pos[None])
-    state.model_calls += 1
-    state.tokens_fed += inputs.size
-    return model(inputs, pos, state.cache, view, last=last)[0]
+# --- what a step asks of whoever runs it -----------------------------------------------------
 
+@dataclass
+class Forward:
+    """A forward a step needs: flat tokens (host or lazy device array) at RoPE ``positions``,
+    written and attending where the cache ``view`` says; logits wanted for the ``last`` tokens."""
+
+    tokens: Union[Sequence[int], np.ndarray, mx.array]
+    positions: np.ndarray
+    view: CacheView
+    last: Optional[int] = None  # None: every token's
+
+    @property
+    def size(self) -> int:
+        return len(self.positions)
+
+
+@dataclass
+class Sync:
+    """Lazy results a step is about to read on the host; a batch evaluates everyone's together."""
+
+    arrays: tuple
+
+
+def request(state: DecodeState, tokens, positions, view: CacheView, last: Optional[int] = None):
+    """Ask for the logits of ``tokens`` (a generator step: ``logits = yield from request(...)``)."""
+    positions = np.asarray(positions, dtype=np.int32).reshape(-1)
+    state.model_calls += 1
+    state.tokens_fed += len(positions)
+    return (yield Forward(tokens, positions, view, last))
+
+
+def to_host(*arrays: mx.array):
+    """The arrays as numpy arrays, after one synchronisation shared with the rest of a batch."""
+    yield Sync(arrays)
+    return [np.array(a) for a in arrays]
+
+
+def token_array(tokens) -> mx.array:
+    """Flat int32 device tokens from a host list/array or a lazy device array."""
+    if isinstance(tokens, mx.array):
+        return tokens.reshape(-1).astype(mx.int32)
+    return mx.array(np.asarray(tokens, dtype=np.int32).reshape(-1))
+
+
+def rope_positions(positions: np.ndarray):
+    """An int for a contiguous run (RoPE's fused path: the prompt, a slot, neighbouring slots),
+    else a (1, n) array."""
+    return int(positions[0]) if (np.diff(positions) == 1).all() else mx.array(positions[None])
+
+
+def forward(model, cache: SlotCache, need: Forward) -> mx.array:
+    """Run one ``Forward`` on ``model`` with one sequence's cache: its (lazy) logits."""
+    inputs = token_array(need.tokens)[None]
+    return model(inputs, rope_positions(need.positions), cache, need.view, last=need.last)[0]
+
+
+# --- the steps ----------------------------------------------------------------------------
 
 def slot_positions(state: DecodeState, starts: Sequence[int], slot_size: int) -> np.ndarray:
     """Absolute RoPE positions (slots, slot_size) of slots starting at generation offsets ``starts``."""
@@ -164,13 +215,13 @@ def slot_positions(state: DecodeState, starts: Sequence[int], slot_size: int) ->
     return state.prompt_length + starts + np.arange(slot_size)[None]
 
 
-def plan(model, state: DecodeState, pending: Sequence[int], settings: DecodeSettings) -> Plan:
+def plan(state: DecodeState, pending: Sequence[int], settings: DecodeSettings):
     """Draft every pending slot with one masked forward; their KV is not kept."""
     S = settings.slot_size
     n = len(pending) * S
     tokens = state.uncached + [state.mask_id] * n
     positions = list(range(len(state.uncached))) + slot_positions(state, pending, S).reshape(-1).tolist()
-    logits = forward(model, state, tokens, positions, state.cache.append(len(tokens)), last=n)
+    logits = yield from request(state, tokens, positions, state.cache.append(len(tokens)), last=n)
     # The prompt's entries (first iteration only) are kept; the masked slots' are not.
     state.cache.commit(len(state.uncached))
     state.uncached = []
@@ -180,6 +231,7 @@ def plan(model, state: DecodeState, pending: Sequence[int], settings: DecodeSett
         state.key, key = mx.random.split(state.key)
     drafts = draft_tokens(logits, settings.temperature, key)
     confidence = probability_of(logits[:, 0], drafts[:, 0])
+    drafts, confidence = yield from to_host(drafts, confidence)
     return Plan(drafts, confidence)
 
 
@@ -189,18 +241,20 @@ def choose_slots(confidence: Sequence[float], slot_threshold: float) -> List[int
     return chosen or [int(np.argmax(confidence))]
 
 
-def verify(model, state: DecodeState, drafts: mx.array, positions: np.ndarray, token_threshold: float):
-    """Run the chosen drafts left to right after the cache; return (drafts, accepted) on the host.
+def verify(state: DecodeState, drafts: np.ndarray, positions: np.ndarray, token_threshold: float):
+    """Run the chosen drafts left to right after the cache; return which tokens are accepted (host).
 
     A token is accepted when its left-to-right probability exceeds the
     threshold; each slot's first token is always accepted. The KV written here
     stays in place, so accepted slots can be committed without another forward.
     """
     flat = drafts.reshape(-1)
-    logits = forward(model, state, flat, positions, state.cache.append(flat.size))
-    accepted = next_token_probability(logits, flat).reshape(drafts.shape) > token_threshold
+    logits = yield from request(state, flat, positions, state.cache.append(flat.size))
+    p = next_token_probability(logits, mx.array(flat))
+    (p,) = yield from to_host(p)
+    accepted = p.reshape(drafts.shape) > token_threshold
     accepted[:, 0] = True
-    return np.array(drafts), np.array(accepted)
+    return accepted
 
 
 def accepted_prefix(accepted: np.ndarray) -> int:
@@ -235,26 +289,28 @@ def commit(state: DecodeState, tokens: np.ndarray, layout_rows: Optional[int] = 
     return kept
 
 
-def infill_round(model, state: DecodeState, tokens: np.ndarray, tags: np.ndarray, positions: np.ndarray,
+def infill_round(state: DecodeState, tokens: np.ndarray, tags: np.ndarray, positions: np.ndarray,
                  start: int, slot_size: int, layout_rows: int):
     """Re-draft the untagged tokens of every row from ``start`` on, then verify the rows left to right.
 
     Returns the rows' tokens from ``start`` and each one's left-to-right probability (host arrays).
     Both forwards write the same row entries; the verify pass's are the ones kept. The rows'
     tails are fed offset by offset (all rows' token ``start``, then ``start+1``...), the order
-    in which their entries lie in the cache.
+    in which their entries lie in the cache. The second forward takes the first's argmax as a
+    lazy array: no synchronisation between them.
     """
     rows, width = tokens.shape[0], slot_size - start
     view = state.cache.rows(rows, slot_size, start, layout_rows)
     fed_positions = positions[:, start:].T
     tagged = tags[:, start:].T == 1
     masked = np.where(tagged, tokens[:, start:].T, state.mask_id)
-    draft_logits = forward(model, state, masked, fed_positions, view)
+    draft_logits = yield from request(state, masked, fed_positions, view)
     proposed = mx.argmax(draft_logits, axis=-1).reshape(width, rows)
     fed = mx.where(mx.array(tagged), mx.array(tokens[:, start:].T), proposed)
-    verify_logits = forward(model, state, fed, fed_positions, view).reshape(width, rows, -1)
-    p = next_token_probability(verify_logits.transpose(1, 0, 2), fed.T)
-    return np.array(fed).T, np.array(p)
+    verify_logits = yield from request(state, fed, fed_positions, view)
+    p = next_token_probability(verify_logits.reshape(width, rows, -1).transpose(1, 0, 2), fed.T)
+    fed, p = yield from to_host(fed, p)
+    return fed.T, p
 
 
 def update_tags(tags: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray:
@@ -263,21 +319,21 @@ def update_tags(tags: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray
     return np.cumprod((p > threshold) | forced, axis=1)
 
 
-def infill(model, state: DecodeState, drafts: np.ndarray, positions: np.ndarray, tags: np.ndarray,
-           settings: DecodeSettings) -> InfillResult:
+def infill(state: DecodeState, drafts: np.ndarray, positions: np.ndarray, tags: np.ndarray,
+           settings: DecodeSettings):
     """Complete the chosen slots in parallel rows by alternating masked drafts and verification.
 
     Row r sees the committed prefix and its own slot only. ``tags`` marks the
     tokens already accepted (a prefix of each row). Every round accepts at least
     one more token per row, so ``slot_size`` rounds always suffice. The first row
-    with an accepted EOS becomes the last row.
+    with an accepted EOS becomes the last row. Returns an ``InfillResult``.
     """
     S = settings.slot_size
     tokens, tags, positions = drafts.copy(), tags.copy(), positions.copy()
     start, rounds, eos_row, layout_rows = 0, 0, None, drafts.shape[0]
     while not tags.all() and rounds < S:
         rounds += 1
-        tokens[:, start:], p = infill_round(model, state, tokens, tags, positions, start, S, layout_rows)
+        tokens[:, start:], p = yield from infill_round(state, tokens, tags, positions, start, S, layout_rows)
         tags[:, start:] = update_tags(tags[:, start:], p, settings.token_threshold)
 
         eos_hits = np.isin(tokens[:, start:], list(state.eos_ids)) & (tags[:, start:] == 1)
@@ -312,15 +368,16 @@ def verified_slots(drafts: np.ndarray, accepted: np.ndarray, eos_ids, slot_size:
     return None
 
 
-def iterate(model, state: DecodeState, pending: List[int], settings: DecodeSettings) -> Commit:
-    """One plan-verify(-infill) iteration; removes what it decides from ``pending``."""
+def iterate(state: DecodeState, pending: List[int], settings: DecodeSettings):
+    """One plan-verify(-infill) iteration; removes what it decides from ``pending``; returns its
+    ``Commit``."""
     S = settings.slot_size
-    drafted = plan(model, state, pending, settings)
+    drafted = yield from plan(state, pending, settings)
     chosen = choose_slots(drafted.confidence.tolist(), settings.slot_threshold)
     starts = [pending[i] for i in chosen]
     positions = slot_positions(state, starts, S)
-    drafts, accepted = verify(model, state, drafted.drafts[mx.array(chosen)], positions,
-                              settings.token_threshold)
+    drafts = drafted.drafts[chosen]
+    accepted = yield from verify(state, drafts, positions, settings.token_threshold)
     verified = verified_slots(drafts, accepted, state.eos_ids, S)
     if verified is not None:
         n, eos_slot = verified
@@ -329,7 +386,7 @@ def iterate(model, state: DecodeState, pending: List[int], settings: DecodeSetti
 
     # Nothing committed: the verify pass's entries are simply rewritten by the infill rows.
     tags = np.cumprod(accepted, axis=1).astype(np.int32)
-    result = infill(model, state, drafts, positions, tags, settings)
+    result = yield from infill(state, drafts, positions, tags, settings)
     n = result.tokens.shape[0]
     return settle(state, pending, starts[:n], result.tokens, positions[:n], result.eos_row, "infill",
                   generation_tpf(S, len(chosen), result.rounds), result.layout_rows)
@@ -401,16 +458,33 @@ def start_state(model, prompt_ids: Sequence[int], settings: DecodeSettings,
     )
 
 
-def generate_step(model, state: DecodeState, settings: DecodeSettings) -> Iterator[Commit]:
-    """Decode the blocks one after another, yielding each iteration's commit."""
+def plan_and_infill(state: DecodeState, settings: DecodeSettings, on_commit: Callable[[Commit], None]):
+    """One sequence's whole decoding as steps: the blocks one after another, each iteration's
+    commit handed to ``on_commit``."""
     block = settings.block_length
     S = settings.slot_size
     for b in range(settings.serial_num_blocks):
         pending = list(range(b * block, (b + 1) * block, S))
         while pending:
-            yield iterate(model, state, pending, settings)
+            on_commit((yield from iterate(state, pending, settings)))
         if state.finished:
             break
+
+
+def generate_step(model, state: DecodeState, settings: DecodeSettings) -> Iterator[Commit]:
+    """Decode one sequence alone, yielding each iteration's commit as soon as it is made."""
+    commits: List[Commit] = []
+    steps = plan_and_infill(state, settings, commits.append)
+    reply = None
+    while True:
+        try:
+            need = steps.send(reply)
+        except StopIteration:
+            break
+        while commits:
+            yield commits.pop(0)
+        reply = forward(model, state.cache, need) if isinstance(need, Forward) else mx.eval(*need.arrays)
+    yield from commits
 
 
 @dataclass

@@ -204,6 +204,7 @@ class Model(nn.Module):
         cache: Optional[Any] = None,
         view: Optional[Any] = None,
         last: Optional[int] = None,
+        wanted: Optional[mx.array] = None,
     ) -> mx.array:
         """Logits for ``inputs`` (B, L) at RoPE ``positions`` (B, L; default 0..L-1).
 
@@ -212,12 +213,15 @@ class Model(nn.Module):
         With a ``cache`` (``cache.SlotCache``), ``view`` says where the new keys
         are written and which cached entries each query attends to. ``last``
         limits the logits to the last tokens (the vocabulary projection of a
-        long prompt is costly and rarely needed).
+        long prompt is costly and rarely needed); ``wanted`` limits them to the
+        tokens at these indices instead.
         """
         if positions is None:
             positions = 0
         out = self.model(inputs, positions, cache, view)
-        if last is not None:
+        if wanted is not None:
+            out = out[:, wanted]
+        elif last is not None:
             out = out[:, -last:]
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(out)
