@@ -48,13 +48,15 @@ def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Calla
     fed, start = state.uncached, 0
     state.uncached = []
     for n in range(settings.gen_length):
-        logits = yield from request(state, fed, range(start, start + len(fed)), state.cache.append(len(fed)),
+        answer = yield from request(state, fed, range(start, start + len(fed)), state.cache.append(len(fed)),
                                     last=1)
         state.cache.commit(len(fed))
-        key = None
         if settings.temperature > 0:
             state.key, key = mx.random.split(state.key)
-        (token,) = yield from to_host(draft_tokens(logits[-1], settings.temperature, key))
+            choice = draft_tokens(answer.logits[-1], settings.temperature, key)
+        else:
+            choice = answer.best[-1]
+        (token,) = yield from to_host(choice)
         token = int(token)
         on_commit(Commit([n], [token], "left-to-right", 0, 1.0))
         if token in state.eos_ids:

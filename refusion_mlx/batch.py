@@ -34,6 +34,7 @@ from .decode import (
     Forward,
     GenerationResult,
     Sync,
+    answers,
     in_position_order,
     plan_and_infill,
     resolve_eos,
@@ -288,7 +289,8 @@ class Batch:
         if not self.active:
             return left
         self._move_kept_entries()
-        replies = list(zip(self.active, self._forward([s.pending for s in self.active])))
+        needs = [s.pending for s in self.active]
+        replies = list(zip(self.active, answers(self._forward(needs), needs)))
         while replies:
             syncs = []
             for seq, reply in replies:
@@ -338,36 +340,54 @@ class Batch:
         else:
             self.cache.clear()
 
-    def _forward(self, needs: List[Forward]) -> List[mx.array]:
-        """One forward for every sequence's ``Forward``; each one's (lazy) logits."""
+    def _forward(self, needs: List[Forward]) -> mx.array:
+        """One forward for every sequence's ``Forward``: their wanted logits, one after another."""
         self.forwards += 1
         if len(needs) == 1 and needs[0].view.index is None and not isinstance(needs[0].view.mask, np.ndarray) \
                 and self.bucket == 1:
-            return [self._forward_alone(needs[0])]
+            return self._forward_alone(needs[0])
         if self.packed:
             return self._forward_packed(needs)
         return self._forward_padded(needs)
 
-    def _forward_packed(self, needs: List[Forward]) -> List[mx.array]:
+    def _forward_packed(self, needs: List[Forward]) -> mx.array:
         """The sequences' tokens one after another in a single row (``PackedRows``); logits are
         computed for the wanted tokens only."""
         rows, wanted, offset = PackedRows(self.dtype), [], 0
         for need in needs:
             rows.add(need, offset)
-            wanted.append(np.arange(offset + need.size - (need.last or need.size), offset + need.size))
+            wanted.append(np.arange(offset + need.size - need.wanted, offset + need.size))
             offset += need.size
-        tokens = mx.concatenate([token_array(need.tokens) for need in needs])[None]
         positions = mx.array(np.concatenate([need.positions for need in needs])[None])
-        logits = self.model(tokens, positions, self.cache, BatchView(None, 0, None, attend=rows),
-                            wanted=mx.array(np.concatenate(wanted)))[0]
-        bounds = np.cumsum([0] + [len(w) for w in wanted])
-        return [logits[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return self.model(self._tokens(needs)[None], positions, self.cache,
+                          BatchView(None, 0, None, attend=rows), wanted=mx.array(np.concatenate(wanted)))[0]
 
-    def _forward_padded(self, needs: List[Forward]) -> List[mx.array]:
+    def _tokens(self, needs: List[Forward], pads: Optional[List[int]] = None) -> mx.array:
+        """The fed tokens, one sequence after another (flat), or in rows left-padded by ``pads``:
+        one upload for the host ones, one write per lazy device run (an infill's verify pass)."""
+        sizes = [need.size for need in needs]
+        if pads is None:
+            starts, shape = np.cumsum([0] + sizes[:-1]), (sum(sizes),)
+        else:
+            width = max(n + pad for n, pad in zip(sizes, pads))
+            starts, shape = np.arange(len(needs)) * width + np.asarray(pads), (len(needs), width)
+        host = np.zeros(int(np.prod(shape)), dtype=np.int32)
+        lazy = []
+        for need, start, n in zip(needs, starts, sizes):
+            if isinstance(need.tokens, mx.array):
+                lazy.append((start, n, need.tokens))
+            else:
+                host[start : start + n] = np.asarray(need.tokens).reshape(-1)
+        tokens = mx.array(host)
+        for start, n, fed in lazy:
+            tokens[start : start + n] = token_array(fed)
+        return tokens.reshape(shape)
+
+    def _forward_padded(self, needs: List[Forward]) -> mx.array:
         """The sequences padded (on the left, so every row's wanted logits are its last) into rows."""
         B = len(needs)
         width = max(need.size for need in needs)
-        last = max(need.last or need.size for need in needs)
+        last = max(need.wanted for need in needs)
         end = max(need.view.end for need in needs)
         # Key lengths in a few fixed sizes where attention plans are built per length (CUDA).
         end = min(-(-end // self.bucket) * self.bucket, self.cache.capacity)
@@ -377,14 +397,11 @@ class Batch:
         visible = np.zeros((B, width, end), dtype=bool)
         visible[:, :, 0] = True  # padding queries see entry 0 only (never an empty row, which is NaN)
         key = np.arange(end)
-        tokens = []
-        for b, need in enumerate(needs):
-            n, view = need.size, need.view
-            pad = width - n
-            fed = token_array(need.tokens)
-            tokens.append(mx.concatenate([mx.zeros((pad,), mx.int32), fed]) if pad else fed)
+        pads = [width - need.size for need in needs]
+        for b, (need, pad) in enumerate(zip(needs, pads)):
+            view = need.view
             positions[b, pad:] = need.positions
-            writes[b, pad:] = written(view, n)
+            writes[b, pad:] = written(view, need.size)
             if view.mask is None:
                 visible[b, pad:] = key < view.end
             elif isinstance(view.mask, str):  # "causal": each sees the entries up to its own
@@ -396,8 +413,10 @@ class Batch:
             visible = np.pad(visible, [(0, 0), (0, QUERY_BUCKET - width % QUERY_BUCKET), (0, 0)],
                              constant_values=True)
         view = BatchView(mx.array(writes), end, mx.array(visible)[:, None])
-        logits = self.model(mx.stack(tokens), mx.array(positions), self.cache, view, last=last)
-        return [logits[b, last - (need.last or need.size):] for b, need in enumerate(needs)]
+        logits = self.model(self._tokens(needs, pads), mx.array(positions), self.cache, view, last=last)
+        # Each row's wanted logits are its last ones: gather them into one (wanted, vocabulary) array.
+        rows = np.concatenate([b * last + np.arange(last - need.wanted, last) for b, need in enumerate(needs)])
+        return logits.reshape(B * last, -1)[mx.array(rows)]
 
     def _forward_alone(self, need: Forward) -> mx.array:
         """One sequence appending: contiguous writes and a causal mask, exactly as ``decode.forward``."""

@@ -33,7 +33,7 @@ import numpy as np
 from .blas import warn_if_slow_blas
 from .cache import CacheView, SlotCache
 from .errors import RefusionError
-from .sampling import draft_tokens, next_token_probability, probability_of
+from .sampling import draft_tokens, probability_of
 from .tokenizer_utils import resolve_mask_id
 from .validation import check_eos, check_float, check_int, check_seed, check_token_id, check_token_ids
 
@@ -155,16 +155,35 @@ class InfillResult:
 @dataclass
 class Forward:
     """A forward a step needs: flat tokens (host or lazy device array) at RoPE ``positions``,
-    written and attending where the cache ``view`` says; logits wanted for the ``last`` tokens."""
+    written and attending where the cache ``view`` says; logits wanted for the ``last`` tokens.
+
+    ``probe`` = (rows, tokens) asks for the probability of ``tokens[j]`` under the logits of
+    wanted row ``rows[j]`` (tokens None: each row's own argmax); whoever runs the forward
+    computes every step's probes at once.
+    """
 
     tokens: Union[Sequence[int], np.ndarray, mx.array]
     positions: np.ndarray
     view: CacheView
     last: Optional[int] = None  # None: every token's
+    probe: Optional[tuple] = None
 
     @property
     def size(self) -> int:
         return len(self.positions)
+
+    @property
+    def wanted(self) -> int:
+        return self.last or self.size
+
+
+@dataclass
+class Logits:
+    """A forward's answer to one step (lazy arrays)."""
+
+    logits: mx.array  # (wanted tokens, vocabulary)
+    best: mx.array  # each one's argmax
+    probability: Optional[mx.array] = None  # of the probe's tokens
 
 
 @dataclass
@@ -174,18 +193,26 @@ class Sync:
     arrays: tuple
 
 
-def request(state: DecodeState, tokens, positions, view: CacheView, last: Optional[int] = None):
-    """Ask for the logits of ``tokens`` (a generator step: ``logits = yield from request(...)``)."""
+def request(state: DecodeState, tokens, positions, view: CacheView, last: Optional[int] = None,
+            probe: Optional[tuple] = None):
+    """Ask for a forward (a generator step: ``answer = yield from request(...)``); gets ``Logits``."""
     positions = np.asarray(positions, dtype=np.int32).reshape(-1)
     state.model_calls += 1
     state.tokens_fed += len(positions)
-    return (yield Forward(tokens, positions, view, last))
+    return (yield Forward(tokens, positions, view, last, probe))
 
 
 def to_host(*arrays: mx.array):
     """The arrays as numpy arrays, after one synchronisation shared with the rest of a batch."""
     yield Sync(arrays)
     return [np.array(a) for a in arrays]
+
+
+def previous_rows(n: int, stride: int = 1) -> np.ndarray:
+    """For n tokens fed left to right, ``stride`` rows per offset: the row whose logits predict
+    each one (the one before it in its row; the first ones are read under their own)."""
+    rows = np.arange(n)
+    return np.where(rows >= stride, rows - stride, rows)
 
 
 def token_array(tokens) -> mx.array:
@@ -195,16 +222,44 @@ def token_array(tokens) -> mx.array:
     return mx.array(np.asarray(tokens, dtype=np.int32).reshape(-1))
 
 
+def answers(logits: mx.array, needs: Sequence[Forward]) -> List[Logits]:
+    """Each step's ``Logits`` from the wanted logits of ``needs``, one after another in ``logits``:
+    the argmax and the probes' probabilities are computed once for all of them."""
+    bounds = np.cumsum([0] + [need.wanted for need in needs])
+    best = mx.argmax(logits, axis=-1)
+    probed = [(lo, need.probe) for lo, need in zip(bounds, needs) if need.probe is not None]
+    probability = None
+    if probed:
+        rows = np.concatenate([lo + np.asarray(r) for lo, (r, _) in probed])
+        sizes = np.cumsum([0] + [len(r) for _, (r, _) in probed])
+        if all(not isinstance(t, mx.array) for _, (_, t) in probed):
+            tokens = mx.array(np.concatenate([np.full(len(r), -1) if t is None else np.asarray(t).reshape(-1)
+                                              for _, (r, t) in probed]).astype(np.int32))
+        else:
+            tokens = mx.concatenate([mx.full((len(r),), -1, mx.int32) if t is None else token_array(t)
+                                     for _, (r, t) in probed])
+        rows = mx.array(rows)
+        probability = probability_of(logits[rows], mx.where(tokens < 0, best[rows], tokens))
+    replies, k = [], 0
+    for need, lo, hi in zip(needs, bounds[:-1], bounds[1:]):
+        p = None
+        if need.probe is not None:
+            p, k = probability[sizes[k] : sizes[k + 1]], k + 1
+        replies.append(Logits(logits[lo:hi], best[lo:hi], p))
+    return replies
+
+
 def rope_positions(positions: np.ndarray):
     """An int for a contiguous run (RoPE's fused path: the prompt, a slot, neighbouring slots),
     else a (1, n) array."""
     return int(positions[0]) if (np.diff(positions) == 1).all() else mx.array(positions[None])
 
 
-def forward(model, cache: SlotCache, need: Forward) -> mx.array:
-    """Run one ``Forward`` on ``model`` with one sequence's cache: its (lazy) logits."""
+def forward(model, cache: SlotCache, need: Forward) -> Logits:
+    """Run one ``Forward`` on ``model`` with one sequence's cache; its (lazy) ``Logits``."""
     inputs = token_array(need.tokens)[None]
-    return model(inputs, rope_positions(need.positions), cache, need.view, last=need.last)[0]
+    logits = model(inputs, rope_positions(need.positions), cache, need.view, last=need.last)[0]
+    return answers(logits, [need])[0]
 
 
 # --- the steps ----------------------------------------------------------------------------
@@ -221,16 +276,20 @@ def plan(state: DecodeState, pending: Sequence[int], settings: DecodeSettings):
     n = len(pending) * S
     tokens = state.uncached + [state.mask_id] * n
     positions = list(range(len(state.uncached))) + slot_positions(state, pending, S).reshape(-1).tolist()
-    logits = yield from request(state, tokens, positions, state.cache.append(len(tokens)), last=n)
+    greedy = settings.temperature == 0
+    # Greedy: the probability of each slot's first drafted token (its argmax) comes with the logits.
+    probe = (np.arange(0, n, S), None) if greedy else None
+    answer = yield from request(state, tokens, positions, state.cache.append(len(tokens)), last=n, probe=probe)
     # The prompt's entries (first iteration only) are kept; the masked slots' are not.
     state.cache.commit(len(state.uncached))
     state.uncached = []
-    logits = logits.reshape(len(pending), S, -1)
-    key = None
-    if settings.temperature > 0:
+    if greedy:
+        drafts, confidence = answer.best.reshape(len(pending), S), answer.probability
+    else:
         state.key, key = mx.random.split(state.key)
-    drafts = draft_tokens(logits, settings.temperature, key)
-    confidence = probability_of(logits[:, 0], drafts[:, 0])
+        logits = answer.logits.reshape(len(pending), S, -1)
+        drafts = draft_tokens(logits, settings.temperature, key)
+        confidence = probability_of(logits[:, 0], drafts[:, 0])
     drafts, confidence = yield from to_host(drafts, confidence)
     return Plan(drafts, confidence)
 
@@ -249,9 +308,9 @@ def verify(state: DecodeState, drafts: np.ndarray, positions: np.ndarray, token_
     stays in place, so accepted slots can be committed without another forward.
     """
     flat = drafts.reshape(-1)
-    logits = yield from request(state, flat, positions, state.cache.append(flat.size))
-    p = next_token_probability(logits, mx.array(flat))
-    (p,) = yield from to_host(p)
+    answer = yield from request(state, flat, positions, state.cache.append(flat.size),
+                                probe=(previous_rows(flat.size), flat))
+    (p,) = yield from to_host(answer.probability)
     accepted = p.reshape(drafts.shape) > token_threshold
     accepted[:, 0] = True
     return accepted
@@ -304,13 +363,12 @@ def infill_round(state: DecodeState, tokens: np.ndarray, tags: np.ndarray, posit
     fed_positions = positions[:, start:].T
     tagged = tags[:, start:].T == 1
     masked = np.where(tagged, tokens[:, start:].T, state.mask_id)
-    draft_logits = yield from request(state, masked, fed_positions, view)
-    proposed = mx.argmax(draft_logits, axis=-1).reshape(width, rows)
-    fed = mx.where(mx.array(tagged), mx.array(tokens[:, start:].T), proposed)
-    verify_logits = yield from request(state, fed, fed_positions, view)
-    p = next_token_probability(verify_logits.reshape(width, rows, -1).transpose(1, 0, 2), fed.T)
-    fed, p = yield from to_host(fed, p)
-    return fed.T, p
+    drafted = yield from request(state, masked, fed_positions, view)
+    fed = mx.where(mx.array(tagged), mx.array(tokens[:, start:].T), drafted.best.reshape(width, rows))
+    # Each token is read under its predecessor in its own row: ``rows`` entries back.
+    verified = yield from request(state, fed, fed_positions, view, probe=(previous_rows(fed.size, rows), fed))
+    fed, p = yield from to_host(fed, verified.probability)
+    return fed.T, p.reshape(width, rows).T
 
 
 def update_tags(tags: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray:

@@ -24,9 +24,3 @@ def probability_of(logits: mx.array, tokens: mx.array) -> mx.array:
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
     return mx.exp(picked - mx.logsumexp(logits, axis=-1))
-
-
-def next_token_probability(logits: mx.array, tokens: mx.array) -> mx.array:
-    """Probability of each token under the previous row's logits (axis -2); the first row uses its own."""
-    previous = mx.concatenate([logits[..., :1, :], logits[..., :-1, :]], axis=-2)
-    return probability_of(previous, tokens)
