@@ -1,6 +1,6 @@
 """Load benchmark of the server: concurrent clients sending the demo tasks' test prompts.
 
-    python -m refusion_mlx.serve_bench [--model PATH_OR_REPO] [--concurrency 1 4 8 16] [--requests 48] [--repeat 3]
+    python -m refusion_mlx.serve_bench [--model PATH_OR_REPO] [--concurrency 1 4 8 16] [--requests 192] [--repeat 3]
 
 Starts its own server (``python -m refusion_mlx.server`` on a free port, as a
 subprocess) and, for plan-and-infill and for left-to-right decoding of the same
@@ -257,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m refusion_mlx.serve_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="served model (default: the packaged demo model)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16], help="client counts")
-    parser.add_argument("--requests", type=int, default=48, help="requests per row (test-split prompts)")
+    parser.add_argument("--requests", type=int, default=192,
+                        help="requests per row (test-split prompts): enough that the end of a row, when "
+                             "fewer clients are left, weighs little")
     parser.add_argument("--decoders", nargs="+", choices=DECODERS, default=list(DECODERS))
     parser.add_argument("--repeat", type=int, default=1, help="sweeps to run in turn; the table shows medians")
     parser.add_argument("--mixed", type=int, default=200, help="size of the mixed run (0: skip)")
