@@ -280,9 +280,12 @@ def bench(args) -> int:
     server = ServerProcess(args.model, max(args.concurrency), args.server_arg)
     try:
         client = Client(server.host, server.port)
-        for decoder in args.decoders:  # warm-up: kernels built, buffers allocated
-            run_clients(examples[:4], 4, lambda x: client.post("/v1/chat/completions",
-                                                               chat_body(x["query"], decoder), True))
+        # Warm-up, every level once on a few prompts: kernels compiled and (CUDA) attention plans
+        # built for the shapes each level makes, so the first row measured does not pay for them.
+        for decoder in args.decoders:
+            for level in args.concurrency:
+                run_clients(examples[: max(2 * level, 8)], level, lambda x: client.post(
+                    "/v1/chat/completions", chat_body(x["query"], decoder), True))
         runs = []
         for _ in range(args.repeat):  # whole sweeps in turn, so a noisy minute hits every row alike
             for decoder in args.decoders:

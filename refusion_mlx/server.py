@@ -17,7 +17,9 @@ forward for all of them. A streaming client that goes away frees its sequence.
 """
 
 import argparse
+import gc
 import json
+import os
 import queue
 import signal
 import sys
@@ -35,6 +37,10 @@ DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_MAX_QUEUE = 256
 MAX_BODY = 4 * 2**20  # bytes in one request body
 MAX_STOPS = 4  # as OpenAI
+# MLX's CUDA backend keeps its CUDA graphs and cuDNN attention plans in LRU caches keyed by shape.
+# A batch whose size and lengths change every step makes more shapes than the defaults hold, and
+# rebuilding an evicted one costs more than the step; unless set, the server keeps more.
+CUDA_CACHE_SIZES = {"MLX_CUDA_GRAPH_CACHE_SIZE": 4096, "MLX_CUDA_SDPA_CACHE_SIZE": 1024}
 
 
 class RequestError(Exception):
@@ -651,7 +657,13 @@ def serve(args) -> int:
         raise RefusionError("--max-concurrency and --max-queue must be positive")
     if not 0 <= args.port <= 65535:
         raise RefusionError(f"--port must be in [0, 65535], got {args.port}")
+    for name, size in CUDA_CACHE_SIZES.items():  # read by MLX's CUDA backend on first use
+        os.environ.setdefault(name, str(size))
     model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
+    # What loading made (~200k objects: tokenizer, templates, modules) lives as long as the server:
+    # out of the collector's sight, a full collection no longer stalls every sequence for ~0.1 s.
+    gc.collect()
+    gc.freeze()
     model_id = DEMO_MODEL_NAME if is_demo(args.model) else args.model
     httpd, engine = make_server(model, tokenizer, model_id, args.host, args.port,
                                 args.max_concurrency, args.max_queue, args.verbose)
