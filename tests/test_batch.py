@@ -170,3 +170,21 @@ def test_the_padded_layout_with_attention_buckets_decodes_the_same(tiny_model):
     while batch.active:
         batch.step()
     assert [s.result.tokens for s in sequences] == [alone(tiny_model, r) for r in requests]
+
+
+def test_entries_kept_out_of_place_after_an_eos_are_moved_in_the_batch_cache(tiny_model):
+    """An EOS that cuts a multi-row infill short keeps entries laid out column by column: they are
+    gathered to the front of the sequence's row, and the slots still pending read them."""
+    knobs = dict(gen_length=32, slot_size=4, serial_num_blocks=1, slot_threshold=0.3, token_threshold=0.9)
+    cases = [([280, 83, 71, 224, 196, 15, 26], 308),
+             ([5, 144, 263, 238, 128, 156, 132, 166, 72, 247, 24, 130, 88, 231, 236, 224, 291, 293, 58], 163)]
+    for prompt, eos in cases:
+        alone_run = generate_ids(tiny_model, prompt, eos_token_id=[eos], **knobs)
+        cut, *later = alone_run.commits
+        # The premise: a multi-row infill cut by the EOS, then more slots decoded after it.
+        assert cut.kind == "infill" and cut.slots >= 2 and len(cut.tokens) < 4 * cut.slots and eos in cut.tokens
+        assert later
+        requests = [(prompt, PLAN_AND_INFILL, knobs, [eos]), ([7, 8, 9], PLAN_AND_INFILL, KNOB_POOL[1], [])]
+        for packed in (True, False):
+            results, _ = together(tiny_model, requests, packed=packed)
+            assert results[0].tokens == alone_run.tokens

@@ -259,3 +259,32 @@ def test_stats_count_every_forward(tiny_model):
     assert r.model_calls >= 2 * r.iterations + 2 * infill_rounds
     assert r.tokens_fed >= 3 + 32 and r.wall_time > 0 and r.tokens_per_second > 0
     assert r.tokens_per_call == pytest.approx(len(r.tokens) / r.model_calls)
+
+
+def test_previous_rows_reads_each_token_under_its_predecessor_in_its_row():
+    from refusion_mlx.decode import previous_rows
+
+    assert previous_rows(4).tolist() == [0, 0, 1, 2]
+    # Offset-major infill rows (2 rows): token (o, r) is read under (o - 1, r); the first offset under itself.
+    assert previous_rows(6, stride=2).tolist() == [0, 1, 0, 1, 2, 3]
+
+
+def test_answers_computes_every_steps_probes_at_once():
+    """Two steps' forwards answered from one logits array: each gets its own rows' argmax, and the
+    probabilities it probed, as if computed on its own logits."""
+    import mlx.core as mx
+
+    from refusion_mlx.decode import Forward, answers
+    from refusion_mlx.sampling import probability_of
+
+    rng = np.random.default_rng(0)
+    first, second = rng.normal(size=(3, 11)).astype(np.float32), rng.normal(size=(4, 11)).astype(np.float32)
+    needs = [Forward([1, 2, 3], np.arange(3), None, probe=(np.array([0, 2]), None)),
+             Forward([4, 5, 6, 7, 8], np.arange(5), None, last=4, probe=(np.array([0, 0, 1]), np.array([3, 5, 7])))]
+    a, b = answers(mx.array(np.concatenate([first, second])), needs)
+    assert np.array(a.best).tolist() == first.argmax(-1).tolist()
+    assert np.array(b.best).tolist() == second.argmax(-1).tolist()
+    expected_a = probability_of(mx.array(first[[0, 2]]), mx.array(first[[0, 2]].argmax(-1)))
+    expected_b = probability_of(mx.array(second[[0, 0, 1]]), mx.array([3, 5, 7]))
+    assert np.allclose(np.array(a.probability), np.array(expected_a))
+    assert np.allclose(np.array(b.probability), np.array(expected_b))
