@@ -12,14 +12,14 @@ One iteration over the pending slots of the current block:
 * ``commit``  keep tokens, positions and the KV entries already in the cache.
 
 Each step is a generator: it yields the ``Forward`` it needs (tokens, positions,
-a cache view) and gets the logits back, and yields a ``Sync`` when it needs lazy
-results on the host. ``generate_step`` serves one sequence's requests at once;
-``batch.Batch`` serves many sequences' together, one forward and one
-synchronisation per step for all of them, so the single and the batched decoder
-are the same code. ``generate_step`` yields a ``Commit`` after each iteration;
-``generate_ids`` collects them into a ``GenerationResult``. docs/decoding.md describes the
-semantics, and the one upstream defect fixed here (text dropped when EOS is
-found while infilling).
+a cache view, the probabilities it will read) and gets ``Logits`` back, and
+yields a ``Sync`` before it reads lazy results on the host. ``generate_step``
+serves one sequence's requests as they come and yields a ``Commit`` after each
+iteration; ``batch.Batch`` serves many sequences' together, one forward and one
+synchronisation per step for all of them: the single and the batched decoder
+are the same code. ``generate_ids`` collects the commits into a
+``GenerationResult``. docs/decoding.md describes the semantics, and the one
+upstream defect fixed here (text dropped when EOS is found while infilling).
 """
 
 import os
