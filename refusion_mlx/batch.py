@@ -394,29 +394,37 @@ class Batch:
         scratch = self.cache.capacity - 1
         positions = np.zeros((B, width), dtype=np.int32)
         writes = np.full((B, width), scratch, dtype=np.int32)
-        visible = np.zeros((B, width, end), dtype=bool)
-        visible[:, :, 0] = True  # padding queries see entry 0 only (never an empty row, which is NaN)
-        key = np.arange(end)
+        # What each query sees, as a bound: entries [0, limit). Padding queries see entry 0 only
+        # (never an empty row, which is NaN); queries with a mask of their own (infill rows) get it
+        # written in afterwards. Built on the device: the host sends (B, width), not (B, width, end).
+        limit = np.ones((B, width), dtype=np.int32)
         pads = [width - need.size for need in needs]
+        own = []
         for b, (need, pad) in enumerate(zip(needs, pads)):
             view = need.view
             positions[b, pad:] = need.positions
             writes[b, pad:] = written(view, need.size)
             if view.mask is None:
-                visible[b, pad:] = key < view.end
+                limit[b, pad:] = view.end
             elif isinstance(view.mask, str):  # "causal": each sees the entries up to its own
-                visible[b, pad:] = key[None] <= writes[b, pad:, None]
+                limit[b, pad:] = writes[b, pad:] + 1
             else:
-                visible[b, pad:] = False
-                visible[b, pad:, : view.width] = view.mask
+                limit[b, pad:] = 0
+                own.append((b, pad, view.mask))
+        visible = mx.arange(end)[None, None] < mx.array(limit)[..., None]
+        for b, pad, mask in own:
+            visible[b, pad:, : mask.shape[1]] = mx.array(mask)
         if self.bucket > 1 and width % QUERY_BUCKET:  # query lengths in fixed sizes too (CUDA)
-            visible = np.pad(visible, [(0, 0), (0, QUERY_BUCKET - width % QUERY_BUCKET), (0, 0)],
+            visible = mx.pad(visible, [(0, 0), (0, QUERY_BUCKET - width % QUERY_BUCKET), (0, 0)],
                              constant_values=True)
-        view = BatchView(mx.array(writes), end, mx.array(visible)[:, None])
+        view = BatchView(mx.array(writes), end, visible[:, None])
         logits = self.model(self._tokens(needs, pads), mx.array(positions), self.cache, view, last=last)
+        logits = logits.reshape(B * last, -1)
+        if all(need.wanted == last for need in needs):
+            return logits
         # Each row's wanted logits are its last ones: gather them into one (wanted, vocabulary) array.
         rows = np.concatenate([b * last + np.arange(last - need.wanted, last) for b, need in enumerate(needs)])
-        return logits.reshape(B * last, -1)[mx.array(rows)]
+        return logits[mx.array(rows)]
 
     def _forward_alone(self, need: Forward) -> mx.array:
         """One sequence appending: contiguous writes and a causal mask, exactly as ``decode.forward``."""

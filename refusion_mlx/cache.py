@@ -47,9 +47,11 @@ class CacheView:
     """Where one forward writes its keys, and which cached entries its queries see."""
 
     start: int  # first written entry: writes are the contiguous run start, start+1, ...
-    index: Optional[mx.array]  # written entries when not contiguous (rows cut short by an EOS)
+    index: Union[None, mx.array, np.ndarray]  # written entries when not contiguous (rows cut short by an EOS)
     end: int  # queries see at most entries [0, end)
-    mask: Union[None, str, mx.array]  # None, "causal", or bool (queries, width); extra rows pad the queries
+    # None, "causal", or bool (queries, width); extra rows pad the queries. Indices and masks are
+    # device arrays, except in a batch's SequenceCache, which keeps them on the host for the batch.
+    mask: Union[None, str, mx.array, np.ndarray]
     width: int = 0  # keys handed to attention: end, or end rounded up to the key bucket
 
     def __post_init__(self):

@@ -195,11 +195,13 @@ class Sync:
 
 def request(state: DecodeState, tokens, positions, view: CacheView, last: Optional[int] = None,
             probe: Optional[tuple] = None):
-    """Ask for a forward (a generator step: ``answer = yield from request(...)``); gets ``Logits``."""
+    """Ask for a forward (a generator step: ``answer = yield from request(...)``); gets ``Logits``.
+    The forward is counted once it has been run."""
     positions = np.asarray(positions, dtype=np.int32).reshape(-1)
+    answer = yield Forward(tokens, positions, view, last, probe)
     state.model_calls += 1
     state.tokens_fed += len(positions)
-    return (yield Forward(tokens, positions, view, last, probe))
+    return answer
 
 
 def to_host(*arrays: mx.array):
@@ -239,7 +241,9 @@ def answers(logits: mx.array, needs: Sequence[Forward]) -> List[Logits]:
             tokens = mx.concatenate([mx.full((len(r),), -1, mx.int32) if t is None else token_array(t)
                                      for _, (r, t) in probed])
         rows = mx.array(rows)
-        probability = probability_of(logits[rows], mx.where(tokens < 0, best[rows], tokens))
+        if any(t is None for _, (_, t) in probed):  # -1: the row's own argmax
+            tokens = mx.where(tokens < 0, best[rows], tokens)
+        probability = probability_of(logits[rows], tokens)
     replies, k = [], 0
     for need, lo, hi in zip(needs, bounds[:-1], bounds[1:]):
         p = None
@@ -530,7 +534,7 @@ def plan_and_infill(state: DecodeState, settings: DecodeSettings, on_commit: Cal
 
 
 def generate_step(model, state: DecodeState, settings: DecodeSettings) -> Iterator[Commit]:
-    """Decode one sequence alone, yielding each iteration's commit as soon as it is made."""
+    """Decode one sequence alone, yielding each iteration's commit before the next forward runs."""
     commits: List[Commit] = []
     steps = plan_and_infill(state, settings, commits.append)
     reply = None
