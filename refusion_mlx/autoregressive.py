@@ -12,7 +12,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import mlx.core as mx
 
 from .cache import SlotCache
-from .decode import Commit, DecodeSettings, DecodeState, GenerationResult, request, resolve_eos, to_host
+from .decode import Commit, DecodeSettings, DecodeState, GenerationResult, resolve_eos
+from .forwards import request, to_host
 from .errors import RefusionError
 from .sampling import draft_tokens
 from .validation import check_eos, check_float, check_int, check_seed, check_token_ids
@@ -42,7 +43,7 @@ def start_ar_state(model, prompt_ids: Sequence[int], max_tokens: int, temperatur
 
 
 def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Callable[[Commit], None]):
-    """Left-to-right decoding as steps (``decode.Forward``/``decode.Sync``), for ``batch.Batch``:
+    """Left-to-right decoding as steps (``forwards.Forward``/``forwards.Sync``), for ``batch.Batch``:
     at most ``settings.gen_length`` tokens, each handed to ``on_commit``. Alone, ``generate_ar_ids``
     is faster: it queues the next forward before reading a token, which a step cannot."""
     fed, start = state.uncached, 0

@@ -31,18 +31,14 @@ from .decode import (
     Commit,
     DecodeSettings,
     DecodeState,
-    Forward,
     GenerationResult,
-    Sync,
-    answers,
     in_position_order,
     plan_and_infill,
     resolve_eos,
-    rope_positions,
     settings_for,
     start_state,
-    token_array,
 )
+from .forwards import Forward, Sync, answers, rope_positions, token_array
 from .errors import RefusionError
 
 PLAN_AND_INFILL = "plan-and-infill"

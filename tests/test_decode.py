@@ -262,7 +262,7 @@ def test_stats_count_every_forward(tiny_model):
 
 
 def test_previous_rows_reads_each_token_under_its_predecessor_in_its_row():
-    from refusion_mlx.decode import previous_rows
+    from refusion_mlx.forwards import previous_rows
 
     assert previous_rows(4).tolist() == [0, 0, 1, 2]
     # Offset-major infill rows (2 rows): token (o, r) is read under (o - 1, r); the first offset under itself.
@@ -274,7 +274,7 @@ def test_answers_computes_every_steps_probes_at_once():
     probabilities it probed, as if computed on its own logits."""
     import mlx.core as mx
 
-    from refusion_mlx.decode import Forward, answers
+    from refusion_mlx.forwards import Forward, answers
     from refusion_mlx.sampling import probability_of
 
     rng = np.random.default_rng(0)
