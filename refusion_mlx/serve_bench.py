@@ -274,8 +274,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def bench(args) -> int:
     from .demo.tasks import test_split
 
-    if args.requests < 1 or args.repeat < 1 or min(args.concurrency) < 1 or args.mixed < 0:
-        raise RefusionError("--requests, --repeat and --concurrency must be positive, --mixed >= 0")
+    for flag, value, low in (("--requests", args.requests, 1), ("--repeat", args.repeat, 1),
+                             ("--concurrency", min(args.concurrency), 1), ("--mixed", args.mixed, 0)):
+        if value < low:
+            raise RefusionError(f"{flag} must be at least {low}, got {value}")
     examples = test_split(size=args.requests)
     server = ServerProcess(args.model, max(args.concurrency), args.server_arg)
     try:

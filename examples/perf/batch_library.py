@@ -62,7 +62,7 @@ def main():
 
     batch.Batch.step = counted_step
     print(f"device {mx.default_device()}, {len(prompts)} prompts")
-    for size in (1, 8, 16):
+    for size in [size for size in (1, 8, 16) if size <= len(prompts)]:
         batch.batch_generate_ids(model, prompts[:32], max_batch_size=size, eos_token_id=eos)  # warm-up
         TimedEval.seconds = 0.0
         counts.update(steps=0, sequences=0, seconds=0.0)
