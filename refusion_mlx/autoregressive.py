@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .cache import SlotCache
+from .kv import SlotCache
 from .decode import Commit, DecodeSettings, DecodeState, GenerationResult, resolve_eos
 from .forwards import request, to_host
 from .errors import RefusionError

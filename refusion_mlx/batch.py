@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from .autoregressive import left_to_right, start_ar_state
-from .cache import QUERY_BUCKET, CacheView, SlotCache, key_bucket
+from .kv import QUERY_BUCKET, BatchCache, BatchView, PackedRows, SlotLayout, key_bucket
 from .decode import (
     Commit,
     DecodeSettings,
@@ -44,159 +44,6 @@ from .errors import RefusionError
 PLAN_AND_INFILL = "plan-and-infill"
 LEFT_TO_RIGHT = "left-to-right"
 DECODERS = (PLAN_AND_INFILL, LEFT_TO_RIGHT)
-
-
-class SequenceCache(SlotCache):
-    """One sequence's row of a ``BatchCache``, as its decoding steps see it.
-
-    ``SlotCache``'s layout and views (exact lengths, masks and indices kept on the host,
-    where the batch assembles them) without buffers of its own; entries kept out of
-    place (``keep``, after an EOS cut an infill short) are remembered in ``moves`` and
-    moved in the batch's buffers before the next forward.
-    """
-
-    def __init__(self, capacity: int):
-        super().__init__(0, capacity, bucket=1)
-        self.moves: List[tuple] = []  # (source entries, first destination entry)
-
-    def _masked(self, start, end, visible, width, index=None) -> CacheView:
-        return CacheView(start, index, end, visible, width)
-
-    def keep(self, entries: mx.array):
-        self.moves.append((entries, self.length))
-        super().keep(entries)
-
-
-# --- the batched KV cache ----------------------------------------------------------------
-
-@dataclass
-class BatchView:
-    """Where a batched forward writes (B, L) keys, and what each query sees (B, 1, L, end).
-
-    ``start`` (with ``index`` None): every row writes the contiguous run ``start, start+1, ...``;
-    then ``mask`` may be ``"causal"`` or None, as for one sequence alone. ``attend``: the
-    sequences are packed in one row (``PackedRows``).
-    """
-
-    index: Optional[mx.array]
-    end: int
-    mask: Union[None, str, mx.array]
-    start: Optional[int] = None
-    attend: Optional["PackedRows"] = None  # replaces the model's attention (and the cache writes)
-
-
-def written(view: CacheView, n: int) -> np.ndarray:
-    """The entries a view's ``n`` tokens are written to."""
-    return np.arange(view.start, view.start + n) if view.index is None else np.asarray(view.index)
-
-
-class PackedRows:
-    """Several sequences' tokens packed one after another in a single row, without padding.
-
-    The linear layers run once over all of them; each sequence's keys go to its own cache
-    row and its queries attend to that row alone (separate attention calls, each the size
-    a sequence decoded alone would make, with the same masks). This is the CPU's layout:
-    there attention costs in proportion to its scores and every padded token costs as much
-    as a real one. Where a call costs more than its arithmetic (GPUs), one padded forward wins.
-    """
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-        self.rows = []  # (offset in the packed row, tokens, visible keys, mask, write start, write index)
-
-    def add(self, need: Forward, offset: int):
-        view, n = need.view, need.size
-        mask = view.mask
-        if isinstance(mask, np.ndarray):  # additive once, not in every layer
-            mask = mx.where(mx.array(mask), mx.array(0, self.dtype), mx.array(-mx.inf, self.dtype))
-        index = None if view.index is None else mx.array(view.index)
-        self.rows.append((offset, n, view.width, mask, view.start, index))
-
-    def store(self, layer: "BatchLayerCache", keys: mx.array, values: mx.array):
-        for b, (offset, n, _, _, start, index) in enumerate(self.rows):
-            k, v = keys[:, :, offset : offset + n], values[:, :, offset : offset + n]
-            if index is None:
-                layer.keys[b : b + 1, :, start : start + n] = k
-                layer.values[b : b + 1, :, start : start + n] = v
-            else:
-                layer.keys[b : b + 1, :, index, :] = k
-                layer.values[b : b + 1, :, index, :] = v
-
-    def __call__(self, q, k, v, scale, mask=None):
-        outs = [mx.fast.scaled_dot_product_attention(q[:, :, offset : offset + n], k[b : b + 1, :, :end],
-                                                     v[b : b + 1, :, :end], scale=scale, mask=row_mask)
-                for b, (offset, n, end, row_mask, _, _) in enumerate(self.rows)]
-        return mx.concatenate(outs, axis=2)
-
-
-class BatchLayerCache:
-    """One layer's (batch, kv heads, capacity, head dim) key and value buffers."""
-
-    def __init__(self):
-        self.keys: Optional[mx.array] = None
-        self.values: Optional[mx.array] = None
-
-    def store(self, keys: mx.array, values: mx.array, view: BatchView):
-        """Scatter this forward's keys/values into each row; return the first ``view.end`` entries."""
-        if view.attend is not None:
-            view.attend.store(self, keys, values)
-            return self.keys, self.values
-        if view.index is None:
-            stop = view.start + keys.shape[2]
-            self.keys[:, :, view.start : stop] = keys
-            self.values[:, :, view.start : stop] = values
-        else:
-            index = mx.broadcast_to(view.index[:, None, :, None], keys.shape)
-            self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
-            self.values = mx.put_along_axis(self.values, index, values, axis=2)
-        return self.keys[:, :, : view.end], self.values[:, :, : view.end]
-
-    def move(self, row: int, source: mx.array, start: int):
-        """In row ``row``, copy the entries at ``source`` to ``start, start+1, ...``."""
-        stop = start + source.size
-        self.keys[row : row + 1, :, start:stop] = self.keys[row : row + 1][:, :, source]
-        self.values[row : row + 1, :, start:stop] = self.values[row : row + 1][:, :, source]
-
-    def resize(self, rows: mx.array, batch: int, capacity: int, like: Optional[tuple] = None):
-        """Keep buffer rows ``rows`` (in that order), then pad to ``batch`` rows and ``capacity``."""
-        if self.keys is None:
-            if like is None:
-                return
-            heads, dim, dtype = like
-            self.keys = mx.zeros((batch, heads, capacity, dim), dtype)
-            self.values = mx.zeros((batch, heads, capacity, dim), dtype)
-            return
-        keys, values = self.keys[rows], self.values[rows]
-        pad = [(0, batch - keys.shape[0]), (0, 0), (0, capacity - keys.shape[2]), (0, 0)]
-        self.keys, self.values = mx.pad(keys, pad), mx.pad(values, pad)
-
-
-class BatchCache:
-    """Rows of sequences, each with its own committed prefix; the last entry of every row is
-    scratch space for the padding of shorter requests."""
-
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype):
-        self.layers = [BatchLayerCache() for _ in range(num_layers)]
-        self.like = (kv_heads, head_dim, dtype)
-        self.capacity = 1  # entries per row, the scratch entry included
-
-    def reshape(self, rows: Sequence[int], batch: int, capacity: int):
-        """Keep rows ``rows``, grow to ``batch`` rows of at least ``capacity`` entries (+ scratch)."""
-        self.capacity = max(self.capacity, capacity + 1)
-        kept = mx.array(np.asarray(rows, dtype=np.int32))
-        for layer in self.layers:
-            layer.resize(kept, batch, self.capacity, self.like)
-
-    def clear(self):
-        """Free every buffer (the batch is empty)."""
-        for layer in self.layers:
-            layer.keys = layer.values = None
-        self.capacity = 1
-
-    @property
-    def nbytes(self) -> int:
-        return sum(0 if layer.keys is None else layer.keys.nbytes + layer.values.nbytes
-                   for layer in self.layers)
 
 
 # --- the scheduler --------------------------------------------------------------------------
@@ -250,7 +97,7 @@ class Batch:
         """
         state = self.start(prompt_ids, settings, decoder, mask_id, eos_token_id)
         capacity = state.cache.limit
-        state.cache = SequenceCache(capacity)
+        state.cache = SlotLayout(capacity)
         seq = Generation(state, settings, decoder, on_commit, started=time.perf_counter())
         decode = left_to_right if decoder == LEFT_TO_RIGHT else plan_and_infill
         seq.steps = decode(state, settings, seq._committed)
@@ -309,10 +156,7 @@ class Batch:
 
     def _move_kept_entries(self):
         for b, seq in enumerate(self.active):
-            for source, start in seq.state.cache.moves:
-                for layer in self.cache.layers:
-                    layer.move(b, source, start)
-            seq.state.cache.moves.clear()
+            self.cache.apply_moves(b, seq.state.cache)
 
     def _finish(self, seq: Generation):
         state = seq.state
@@ -351,7 +195,7 @@ class Batch:
         computed for the wanted tokens only."""
         rows, wanted, offset = PackedRows(self.dtype), [], 0
         for need in needs:
-            rows.add(need, offset)
+            rows.add(need.view, need.size, offset)
             wanted.append(np.arange(offset + need.size - need.wanted, offset + need.size))
             offset += need.size
         positions = mx.array(np.concatenate([need.positions for need in needs])[None])
@@ -399,7 +243,7 @@ class Batch:
         for b, (need, pad) in enumerate(zip(needs, pads)):
             view = need.view
             positions[b, pad:] = need.positions
-            writes[b, pad:] = written(view, need.size)
+            writes[b, pad:] = view.written(need.size)
             if view.mask is None:
                 limit[b, pad:] = view.end
             elif isinstance(view.mask, str):  # "causal": each sees the entries up to its own

@@ -28,7 +28,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .autoregressive import generate_ar_ids
-from .cache import SlotCache
+from .kv import SlotCache
 from .decode import GenerationResult, generate_ids
 from .cli import ArgumentParser, run_command
 from .errors import RefusionError

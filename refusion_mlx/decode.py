@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from .blas import warn_if_slow_blas
-from .cache import SlotCache
+from .kv import SlotCache
 from .errors import RefusionError
 from .forwards import Forward, forward, previous_rows, request, to_host
 from .sampling import draft_tokens, probability_of

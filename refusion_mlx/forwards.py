@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-from .cache import CacheView, SlotCache
+from .kv import CacheView, SlotCache, SlotLayout
 from .sampling import probability_of
 
 
@@ -65,6 +65,7 @@ def request(state, tokens, positions, view: CacheView, last: Optional[int] = Non
     """Ask for a forward (a generator step: ``answer = yield from request(...)``); gets ``Logits``.
     The forward is counted in ``state`` (a ``decode.DecodeState``) once it has been run."""
     positions = np.asarray(positions, dtype=np.int32).reshape(-1)
+    state.cache.record(view, positions)
     answer = yield Forward(tokens, positions, view, last, probe)
     state.model_calls += 1
     state.tokens_fed += len(positions)

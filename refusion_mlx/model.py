@@ -4,7 +4,7 @@ The weights are plain Qwen3 (HF names kept), so a folder we save also loads with
 ``mlx_lm.load`` as ``qwen3``. What ReFusion adds is in how the model is called:
 every token carries its own RoPE position (slots are committed out of order), and
 the caller says where the new keys go in the cache and what each query may see
-(see ``cache.CacheView``).
+(``kv.CacheView``); ``kv.attention`` attends accordingly.
 """
 
 from dataclasses import dataclass
@@ -17,6 +17,7 @@ from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.qwen3 import MLP  # the same SwiGLU block; nothing of ours to add
 
 from .errors import RefusionError
+from .kv.attention import attention_mask, scaled_dot_product_attention
 
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 
@@ -138,16 +139,7 @@ class Attention(nn.Module):
         q, k = rope(q), rope(k)
         if cache is not None:
             k, v = cache.store(k, v, view)
-
-        attend = getattr(view, "attend", None)
-        if attend is not None:  # batch.py: sequences packed in one row, each attending to its own keys
-            out = attend(q, k, v, scale=self.scale, mask=mask)
-        elif isinstance(mask, mx.array) and mask.shape[-2] > L:
-            # More mask rows than queries: pad the queries, so attention sees a shape it has seen.
-            q = mx.pad(q, [(0, 0), (0, 0), (0, mask.shape[-2] - L), (0, 0)])
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)[:, :, :L]
-        else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, view=view)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -174,13 +166,7 @@ class Qwen3Model(nn.Module):
 
     def __call__(self, inputs, positions, cache=None, view=None):
         h = self.embed_tokens(inputs)
-        if view is not None:
-            mask = view.mask
-        else:
-            mask = "causal" if inputs.shape[1] > 1 else None
-        if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
-            # Additive once per forward: attention would convert a boolean mask in every layer.
-            mask = mx.where(mask, mx.array(0, h.dtype), mx.array(-mx.inf, h.dtype))
+        mask = attention_mask(view, inputs.shape[1], h.dtype)
         rope = self.rope(positions)
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         for layer, layer_cache in zip(self.layers, layer_caches):
@@ -210,7 +196,7 @@ class Model(nn.Module):
 
         ``positions`` may also be one ``int``: the tokens sit at that position and after.
 
-        With a ``cache`` (``cache.SlotCache``), ``view`` says where the new keys
+        With a ``cache`` (``kv.SlotCache``, or a batch's ``kv.BatchCache``), ``view`` says where the new keys
         are written and which cached entries each query attends to. ``last``
         limits the logits to the last tokens (the vocabulary projection of a
         long prompt is costly and rarely needed); ``wanted`` limits them to the

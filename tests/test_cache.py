@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from refusion_mlx.cache import SlotCache
+from refusion_mlx.kv import SlotCache
 from refusion_mlx.decode import DecodeSettings, generate_step, start_state
 
 
@@ -115,7 +115,7 @@ def test_infilling_k_rows_never_holds_k_copies_of_the_prefix(tiny_model, monkeyp
     attention scores of this tiny model do not hide what the cache holds."""
     import gc
 
-    monkeypatch.setattr("refusion_mlx.cache.key_bucket", lambda: 1)
+    monkeypatch.setattr("refusion_mlx.kv.single.key_bucket", lambda: 1)
     args = tiny_model.args
     per_token = len(tiny_model.layers) * 2 * args.num_key_value_heads * args.head_dim * 4  # K + V, float32
     settings = DecodeSettings(gen_length=64, slot_size=4, serial_num_blocks=2,

@@ -1,13 +1,15 @@
-"""The slot KV cache: one preallocated buffer per layer, committed entries first.
+"""Where a sequence's KV entries lie: the host-side bookkeeping of the slot cache.
 
 Entries ``[0, length)`` are committed (prompt plus committed slots). A forward
 writes its keys right after them; whether those entries are kept is decided
 afterwards: ``commit(n)`` keeps the first ``n``, anything else is simply
 overwritten by the next forward. Cropping is moving ``length``; nothing is copied.
 
-Committed entries are all visible to every later query, so their order in the
-buffer does not matter (RoPE positions travel with the keys); only the new
-entries of one forward are ordered, by the view's mask.
+Committed entries are all visible to every later query, so their order does not
+matter (RoPE positions travel with the keys); only the new entries of one
+forward are ordered, by the view's mask. That is what lets slots commit in any
+order, and what lets a bounded cache evict an entry by filling its hole with
+another (``evict``).
 
 Parallel infilling of k slot rows lays the rows behind the committed prefix,
 interleaved column by column: token ``o`` of row ``r`` lives at
@@ -17,10 +19,17 @@ scatter), and every row sees the shared prefix and its own earlier tokens only
 (a mask): memory is prefix + k*slot, never k*prefix. Committing all rows is
 again moving ``length``; only a commit cut short by an EOS gathers the kept
 entries to the front (``keep``).
+
+``SlotLayout`` is the bookkeeping alone, and every view it makes is host data
+(numpy): a ``SlotCache`` (one sequence, ``single.py``) adds buffers and applies
+moves at once; a batch (``batch.py``) owns the buffers of all its rows and
+applies each row's recorded ``moves`` before its next forward. The layout also
+remembers each entry's RoPE position, which is what a prompt cache matches a
+new prompt against.
 """
 
-from dataclasses import dataclass
-from typing import List, Optional, Union
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -44,81 +53,74 @@ def key_bucket() -> int:
 
 @dataclass
 class CacheView:
-    """Where one forward writes its keys, and which cached entries its queries see."""
+    """Where one forward writes its keys, and which cached entries its queries see (host data).
+
+    ``mask`` is None (every query sees ``[0, end)``), ``"causal"`` (in cache order), or a bool
+    array (queries, width) whose extra rows, if any, pad the queries (see ``key_bucket``).
+    """
 
     start: int  # first written entry: writes are the contiguous run start, start+1, ...
-    index: Union[None, mx.array, np.ndarray]  # written entries when not contiguous (rows cut short by an EOS)
+    index: Optional[np.ndarray]  # written entries when not contiguous (rows cut short by an EOS)
     end: int  # queries see at most entries [0, end)
-    # None, "causal", or bool (queries, width); extra rows pad the queries. Indices and masks are
-    # device arrays, except in a batch's SequenceCache, which keeps them on the host for the batch.
-    mask: Union[None, str, mx.array, np.ndarray]
+    mask: Union[None, str, np.ndarray]
     width: int = 0  # keys handed to attention: end, or end rounded up to the key bucket
+    _device_index: Optional[mx.array] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.width = self.width or self.end
 
-
-class LayerCache:
-    """Key and value buffers of one layer, allocated on first use."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.keys: Optional[mx.array] = None
-        self.values: Optional[mx.array] = None
-
-    def store(self, keys: mx.array, values: mx.array, view: CacheView):
-        """Write this forward's keys/values where ``view`` says; return the ``view.width`` first."""
-        if self.keys is None:
-            _, n_kv_heads, _, head_dim = keys.shape
-            shape = (1, n_kv_heads, self.capacity, head_dim)
-            self.keys = mx.zeros(shape, dtype=keys.dtype)
-            self.values = mx.zeros(shape, dtype=values.dtype)
-        if view.index is None:
-            stop = view.start + keys.shape[2]
-            self.keys[..., view.start : stop, :] = keys
-            self.values[..., view.start : stop, :] = values
-        else:
-            self.keys[..., view.index, :] = keys
-            self.values[..., view.index, :] = values
-        return self.keys[..., : view.width, :], self.values[..., : view.width, :]
-
-    def move(self, source: mx.array, start: int):
-        """Copy the entries at ``source`` to ``start, start+1, ...``."""
-        if self.keys is not None:
-            stop = start + source.size
-            self.keys[..., start:stop, :] = self.keys[..., source, :]
-            self.values[..., start:stop, :] = self.values[..., source, :]
+    def written(self, n: int) -> np.ndarray:
+        """The entries this view's ``n`` tokens are written to."""
+        return np.arange(self.start, self.start + n) if self.index is None else np.asarray(self.index)
 
     @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+    def device_index(self) -> mx.array:
+        """``index`` uploaded once per forward (every layer writes the same entries)."""
+        if self._device_index is None:
+            self._device_index = mx.array(self.index)
+        return self._device_index
 
 
-class SlotCache:
-    """KV buffers of all layers plus the committed length they share."""
+class CacheFull(ValueError):
+    """A forward or commit that would run past the cache's room (a bug in the caller)."""
 
-    def __init__(self, num_layers: int, capacity: int, bucket: Optional[int] = None):
-        self.bucket = key_bucket() if bucket is None else bucket
-        self.capacity = -(-capacity // self.bucket) * self.bucket  # room for the padded keys
+
+class SlotLayout:
+    """One sequence's committed length, its entries' positions, and the views of its forwards."""
+
+    def __init__(self, capacity: int, bucket: int = 1):
+        self.bucket = bucket
         self.limit = capacity
-        self.layers: List[LayerCache] = [LayerCache(self.capacity) for _ in range(num_layers)]
         self.length = 0
+        self.positions = np.full(capacity, -1, dtype=np.int64)  # RoPE position of every entry
+        self.moves: List[Tuple[np.ndarray, int]] = []  # (source entries, first destination): not yet applied
+
+    @property
+    def capacity(self) -> int:
+        """Entries the buffers need: the limit rounded up to the key bucket (room for padded keys)."""
+        return -(-self.limit // self.bucket) * self.bucket
+
+    def reserve(self, capacity: int):
+        """Room for at least ``capacity`` entries (a kept cache reused by a longer request)."""
+        if capacity > self.limit:
+            grown = np.full(capacity, -1, dtype=np.int64)
+            grown[: self.limit] = self.positions
+            self.positions, self.limit = grown, capacity
 
     def _check_room(self, end: int):
         if end > self.limit:
-            raise ValueError(f"cache overflow: {end} entries > capacity {self.limit}")
+            raise CacheFull(f"cache overflow: {end} entries > capacity {self.limit}")
 
     def _width(self, end: int) -> int:
         return min(-(-end // self.bucket) * self.bucket, self.capacity)
 
     def _masked(self, start: int, end: int, visible: np.ndarray, width: int,
                 index: Optional[np.ndarray] = None) -> CacheView:
-        """A view with a boolean mask (queries, width) made on the host; with key buckets its query
-        rows are padded too (see key_bucket)."""
+        """A view with a boolean mask (queries, width); with key buckets its query rows are padded too."""
         if self.bucket > 1 and visible.shape[0] % QUERY_BUCKET:
             pad = QUERY_BUCKET - visible.shape[0] % QUERY_BUCKET
             visible = np.concatenate([visible, np.ones((pad, width), dtype=bool)])
-        return CacheView(start, None if index is None else mx.array(index), end, mx.array(visible), width)
+        return CacheView(start, index, end, visible, width)
 
     def append(self, n: int) -> CacheView:
         """View for ``n`` tokens after the committed ones, causal in cache order."""
@@ -156,16 +158,28 @@ class SlotCache:
         index = (base + query_offset * R + query_row).reshape(-1)
         return self._masked(base, end, mask, width, index)
 
-    def row_entries(self, num_rows: int, slot_size: int, layout_rows: int) -> mx.array:
+    def row_entries(self, num_rows: int, slot_size: int, layout_rows: int) -> np.ndarray:
         """Cache entries of rows 0..num_rows-1, row after row (the commit order)."""
-        offsets = mx.arange(slot_size)
-        return (self.length + offsets[None] * layout_rows + mx.arange(num_rows)[:, None]).reshape(-1)
+        offsets = np.arange(slot_size)
+        return (self.length + offsets[None] * layout_rows + np.arange(num_rows)[:, None]).reshape(-1)
 
-    def keep(self, entries: mx.array):
+    def record(self, view: CacheView, positions: np.ndarray):
+        """Note the RoPE positions of the entries a forward writes (kept or not, decided later)."""
+        self.positions[view.written(len(positions))] = positions
+
+    def move(self, source: np.ndarray, start: int):
+        """Copy the entries at ``source`` to ``start, start+1, ...`` (recorded for the buffers)."""
+        source = np.asarray(source, dtype=np.int64)
+        if source.size == 0:
+            return
+        self.positions[start : start + source.size] = self.positions[source]
+        self.moves.append((source, start))
+
+    def keep(self, entries: np.ndarray):
         """Commit the entries at ``entries`` (all at or after ``length``), in that order."""
+        entries = np.asarray(entries)
         self._check_room(self.length + entries.size)
-        for layer in self.layers:
-            layer.move(entries, self.length)
+        self.move(entries, self.length)
         self.length += entries.size
 
     def commit(self, n: int):
@@ -179,7 +193,24 @@ class SlotCache:
             raise ValueError(f"cannot crop to {length} with {self.length} committed")
         self.length = length
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by all buffers."""
-        return sum(layer.nbytes for layer in self.layers)
+    def retain(self, kept: np.ndarray):
+        """Keep only the committed entries where ``kept`` (bool, length ``length``) is true.
+
+        Their order among themselves does not matter (see the module docstring), so each
+        hole below the new length is filled from the entries above it: at most as many
+        copies as entries dropped, however long the cache.
+        """
+        kept = np.asarray(kept, dtype=bool)
+        new_length = int(kept.sum())
+        holes = np.flatnonzero(~kept[:new_length])
+        movers = new_length + np.flatnonzero(kept[new_length:])
+        for hole, mover in zip(holes, movers):  # host-side bookkeeping; the buffers copy in one go
+            self.positions[hole] = self.positions[mover]
+        if holes.size:
+            self.moves.append((movers, holes))
+        self.length = new_length
+
+    def take_moves(self) -> List[Tuple[np.ndarray, Union[int, np.ndarray]]]:
+        """The recorded moves, oldest first, forgotten here (the buffers apply them)."""
+        moves, self.moves = self.moves, []
+        return moves
