@@ -15,6 +15,7 @@ with quiet_interrupt(started_as_command()):
     from .batch import batch_generate, batch_generate_ids
     from .decode import DecodeSettings, GenerationResult, generate_ids
     from .errors import RefusionError
+    from .kv import make_prompt_cache
     from .loading import load, load_model
 
 # ``generate`` is both a function and the module that holds it and its command line, as in
@@ -54,6 +55,7 @@ __all__ = [
     "generate_ids",
     "load",
     "load_model",
+    "make_prompt_cache",
     "stream_generate",
 ]
 __version__ = "0.1.0"

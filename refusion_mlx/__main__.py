@@ -5,6 +5,8 @@ import sys
 
 COMMANDS = {
     "generate": "text from a prompt (plan-and-infill)",
+    "chat": "a conversation in the terminal, the KV cache kept across turns",
+    "cache_prompt": "prefill a long prompt and save its KV cache to a file",
     "evaluate": "accuracy and speed against left-to-right decoding",
     "benchmark": "plan-and-infill against left-to-right on one prompt",
     "lora": "fine-tune (LoRA, DoRA, QLoRA, full) with ReFusion's objective",

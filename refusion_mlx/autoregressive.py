@@ -10,18 +10,23 @@ import time
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 
-from .kv import SlotCache
-from .decode import Commit, DecodeSettings, DecodeState, GenerationResult, resolve_eos
+from .decode import (DecodeSettings, DecodeState, bounded_cache, finish, make_room, open_cache, resolve_eos,
+                     run_steps)
 from .forwards import request, to_host
+from .kv import PromptCache
+from .transcript import Commit, GenerationResult, Transcript
 from .errors import RefusionError
 from .sampling import draft_tokens
 from .validation import check_eos, check_float, check_int, check_seed, check_token_ids
 
 
 def start_ar_state(model, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
-                   seed: Optional[int] = None, eos_token_id: Union[None, int, Iterable[int]] = None) -> DecodeState:
-    """Validate a left-to-right request and set up its cache (room for prompt + max_tokens) and key."""
+                   seed: Optional[int] = None, eos_token_id: Union[None, int, Iterable[int]] = None,
+                   prompt_cache: Optional[PromptCache] = None) -> DecodeState:
+    """Validate a left-to-right request and set up its cache (room for prompt + max_tokens, or the
+    prompt cache's) and key."""
     prompt_ids = check_token_ids("prompt_ids", prompt_ids, model.args.vocab_size)
     if not prompt_ids:
         raise RefusionError("the prompt is empty")
@@ -37,18 +42,22 @@ def start_ar_state(model, prompt_ids: Sequence[int], max_tokens: int, temperatur
     key = None
     if temperature > 0:
         key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-    return DecodeState(cache=SlotCache(len(model.layers), total), prompt_length=len(prompt_ids),
-                       uncached=prompt_ids, mask_id=-1, eos_ids=resolve_eos(eos_token_id, model),
-                       gen_length=max_tokens, key=key)
+    cache, cached = open_cache(model, prompt_ids, max_tokens, 1, prompt_cache)
+    return DecodeState(cache=cache, prompt_length=len(prompt_ids), uncached=prompt_ids[cached:], mask_id=-1,
+                       eos_ids=resolve_eos(eos_token_id, model), gen_length=max_tokens, key=key,
+                       cached_tokens=cached)
 
 
 def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Callable[[Commit], None]):
-    """Left-to-right decoding as steps (``forwards.Forward``/``forwards.Sync``), for ``batch.Batch``:
+    """Left-to-right decoding as steps (``forwards.Forward``/``forwards.Sync``), for ``scheduler.Scheduler``:
     at most ``settings.gen_length`` tokens, each handed to ``on_commit``. Alone, ``generate_ar_ids``
     is faster: it queues the next forward before reading a token, which a step cannot."""
-    fed, start = state.uncached, 0
-    state.uncached = []
+    fed, start = [], state.prompt_length
     for n in range(settings.gen_length):
+        yield from make_room(state, len(fed))
+        if state.uncached:
+            fed, start = state.uncached, state.fed_from
+            state.uncached = []
         answer = yield from request(state, fed, range(start, start + len(fed)), state.cache.append(len(fed)),
                                     last=1)
         state.cache.commit(len(fed))
@@ -74,16 +83,30 @@ def generate_ar_ids(
     temperature: float = 0.0,
     seed: Optional[int] = None,
     eos_token_id: Union[None, int, Iterable[int]] = None,
+    prompt_cache: Optional[PromptCache] = None,
+    max_kv_size: Optional[int] = None,
 ) -> GenerationResult:
-    """Generate up to ``max_tokens`` ids left to right; stops after the first EOS."""
-    state = start_ar_state(model, prompt_ids, max_tokens, temperature, seed, eos_token_id)
-    cache, prompt_ids = state.cache, state.uncached
+    """Generate up to ``max_tokens`` ids left to right; stops after the first EOS.
+
+    ``prompt_cache`` and ``max_kv_size`` as for ``generate_ids``.
+    """
+    prompt_cache = bounded_cache(model, prompt_cache, max_kv_size)
+    prompt_ids = check_token_ids("prompt_ids", prompt_ids)
+    state = start_ar_state(model, prompt_ids, max_tokens, temperature, seed, eos_token_id, prompt_cache)
+    cache = state.cache
+    transcript = Transcript(state.eos_ids, max_tokens)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    run_steps(model, state, make_room(state, 0))  # a bounded cache: a long prompt in chunks first
+    fed, first = state.uncached, state.fed_from
     calls = 0
 
     def step(tokens, start):
         nonlocal calls
         calls += 1
+        cache.evict_for(tokens.size)
         view = cache.append(tokens.size)
+        cache.record(view, np.arange(start, start + tokens.size))
         logits = model(tokens.reshape(1, -1), start, cache, view, last=1)[0, -1]
         cache.commit(tokens.size)
         sub = None
@@ -91,27 +114,38 @@ def generate_ar_ids(
             state.key, sub = mx.random.split(state.key)
         return draft_tokens(logits, temperature, sub)
 
-    mx.reset_peak_memory()
-    tic = time.perf_counter()
-    token = step(mx.array(prompt_ids), 0)
+    token = step(mx.array(fed), first)
     mx.async_eval(token)
-    generated = []
     for n in range(max_tokens):
-        following = step(token, len(prompt_ids) + n) if n + 1 < max_tokens else None
+        following = step(token, state.prompt_length + n) if n + 1 < max_tokens else None
         if following is not None:
             mx.async_eval(following)
         value = token.item()
-        generated.append(value)
+        transcript.add(Commit([n], [value], "left-to-right", 0, 1.0))
         if value in state.eos_ids:
             break
         token = following
-    wall = time.perf_counter() - tic
-    return GenerationResult(
-        tokens=generated,
-        tpf=1.0,
-        model_calls=calls,
-        tokens_fed=len(prompt_ids) + calls - 1,
-        wall_time=wall,
-        peak_memory=mx.get_peak_memory() / 1e9,
-        iterations=len(generated),
-    )
+    state.model_calls += calls
+    state.tokens_fed += len(fed) + calls - 1
+    return finish(state, transcript, time.perf_counter() - tic, prompt_ids, prompt_cache, tpf=1.0)
+
+
+def prefill_ids(model, prompt_ids: Sequence[int], prompt_cache: PromptCache) -> int:
+    """Feed a prompt into ``prompt_cache`` without generating (``cache_prompt``); returns how many
+    tokens were fed (those the cache did not hold)."""
+    if not isinstance(prompt_cache, PromptCache):
+        raise RefusionError("prompt_cache must come from make_prompt_cache")
+    prompt_ids = check_token_ids("prompt_ids", prompt_ids)
+    state = start_ar_state(model, prompt_ids, 1, prompt_cache=prompt_cache)
+    run_steps(model, state, feed_prompt(state))
+    prompt_cache.record(prompt_ids, {})
+    return state.tokens_fed
+
+
+def feed_prompt(state: DecodeState):
+    """Steps that put every uncached prompt token in the cache (in chunks, if the cache is bounded)."""
+    yield from make_room(state, 0)
+    fed, start = state.uncached, state.fed_from
+    yield from request(state, fed, range(start, start + len(fed)), state.cache.append(len(fed)), last=1)
+    state.cache.commit(len(fed))
+    state.uncached = []

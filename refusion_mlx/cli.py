@@ -21,6 +21,7 @@ FLAG_NAMES: Dict[str, str] = {
     "token_threshold": "--token-threshold",
     "temperature": "--temp",
     "mask_id": "--mask-id",
+    "max_kv_size": "--max-kv-size",
 }
 
 
@@ -98,6 +99,29 @@ def add_decode_flags(parser: argparse.ArgumentParser):
     parser.add_argument("--token-threshold", type=float, help="probability to accept a drafted token")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     parser.add_argument("--seed", type=int, help="random seed for sampling")
+
+
+def add_cache_flags(parser: argparse.ArgumentParser):
+    """--max-kv-size and --prompt-cache-file (a file from ``python -m refusion_mlx.cache_prompt``)."""
+    parser.add_argument("--max-kv-size", type=int,
+                        help="bound the KV cache to this many entries (the first few and the most recent kept)")
+    parser.add_argument("--prompt-cache-file",
+                        help="start from a saved prompt cache (python -m refusion_mlx.cache_prompt); "
+                             "the prompt given here follows the saved one")
+
+
+def check_cache_flags(args):
+    """--max-kv-size and --prompt-cache-file, checked before a long load."""
+    from .validation import check_int
+
+    if getattr(args, "max_kv_size", None) is not None:
+        check_int("--max-kv-size", args.max_kv_size, 1)
+        if getattr(args, "prompt_cache_file", None):
+            raise RefusionError("--max-kv-size and --prompt-cache-file do not go together: a cache file keeps "
+                                "the bound it was saved with")
+    path = getattr(args, "prompt_cache_file", None)
+    if path and not os.path.isfile(os.path.expanduser(path)):
+        raise RefusionError(f"prompt cache file {path} does not exist")
 
 
 def decode_knobs(args) -> dict:

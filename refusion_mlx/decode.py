@@ -15,7 +15,7 @@ Each step is a generator: it yields the ``Forward`` it needs (``forwards.py``: t
 a cache view, the probabilities it will read) and gets ``Logits`` back, and
 yields a ``Sync`` before it reads lazy results on the host. ``generate_step``
 serves one sequence's requests as they come and yields a ``Commit`` after each
-iteration; ``batch.Batch`` serves many sequences' together, one forward and one
+iteration; ``scheduler.Scheduler`` serves many sequences' together, one forward and one
 synchronisation per step for all of them: the single and the batched decoder
 are the same code. ``generate_ids`` collects the commits into a
 ``GenerationResult``. docs/decoding.md describes the semantics, and the one
@@ -32,10 +32,13 @@ import numpy as np
 
 from .blas import warn_if_slow_blas
 from .kv import SlotCache
+from .kv.layout import SINK
+from .kv.prompt import PromptCache
 from .errors import RefusionError
 from .forwards import Forward, forward, previous_rows, request, to_host
 from .sampling import draft_tokens, probability_of
 from .tokenizer_utils import resolve_mask_id
+from .transcript import Commit, GenerationResult, Transcript
 from .validation import check_eos, check_float, check_int, check_seed, check_token_id, check_token_ids
 
 
@@ -107,23 +110,12 @@ def settings_for(model=None, prompt_length: int = 0, *, preset: Optional[str] = 
 
 
 @dataclass
-class Commit:
-    """Tokens made final in one iteration, with their positions (in generation, 0-based)."""
-
-    positions: List[int]
-    tokens: List[int]
-    kind: str  # "verify" (accepted by the global verification) or "infill"
-    slots: int  # slots committed
-    tpf: float  # upstream's tokens-per-forward credit for this iteration
-
-
-@dataclass
 class DecodeState:
     """What one generation has decided so far, and what it has cost."""
 
-    cache: SlotCache
+    cache: SlotCache  # a SlotLayout in a batch (the batch holds the buffers)
     prompt_length: int
-    uncached: List[int]  # prompt tokens not yet in the cache (fed with the first plan)
+    uncached: List[int]  # the prompt's last tokens, not yet in the cache (fed with the first plan)
     mask_id: int
     eos_ids: frozenset
     gen_length: Optional[int] = None  # tokens asked for; positions past it are padding, never returned
@@ -131,6 +123,12 @@ class DecodeState:
     finished: bool = False  # an EOS was committed: stop after the current block
     model_calls: int = 0
     tokens_fed: int = 0
+    cached_tokens: int = 0  # prompt tokens a prompt cache already held
+
+    @property
+    def fed_from(self) -> int:
+        """Position of the first uncached prompt token."""
+        return self.prompt_length - len(self.uncached)
 
 
 @dataclass
@@ -164,7 +162,7 @@ def plan(state: DecodeState, pending: Sequence[int], settings: DecodeSettings):
     S = settings.slot_size
     n = len(pending) * S
     tokens = state.uncached + [state.mask_id] * n
-    positions = list(range(len(state.uncached))) + slot_positions(state, pending, S).reshape(-1).tolist()
+    positions = list(range(state.fed_from, state.prompt_length)) + slot_positions(state, pending, S).reshape(-1).tolist()
     greedy = settings.temperature == 0
     # Greedy: the probability of each slot's first drafted token (its argmax) comes with the logits.
     probe = (np.arange(0, n, S), None) if greedy else None
@@ -369,9 +367,41 @@ def resolve_eos(eos_token_id: Union[None, int, Iterable[int]], model) -> frozens
     return frozenset(int(e) for e in eos_token_id)
 
 
+def open_cache(model, prompt_ids: List[int], room: int, block: int,
+               prompt_cache: Optional[PromptCache]) -> tuple:
+    """(the cache a request decodes in, how many prompt tokens it already holds): a fresh one
+    with room for the prompt and ``room`` more entries, or the prompt cache's, trimmed to the
+    prefix it shares with this prompt. A bounded cache must hold one ``block``'s entries."""
+    if prompt_cache is None:
+        return SlotCache(len(model.layers), len(prompt_ids) + room), 0
+    if not isinstance(prompt_cache, PromptCache):
+        raise RefusionError(f"prompt_cache must come from make_prompt_cache, got {type(prompt_cache).__name__}")
+    check_prompt_cache(model, prompt_cache)
+    least = SINK + block + 2
+    if prompt_cache.max_kv_size is not None and prompt_cache.max_kv_size < least:
+        raise RefusionError(f"max_kv_size {prompt_cache.max_kv_size} is too small: one block of this request "
+                            f"needs {block} entries beside the first {SINK} kept ones; use at least {least}")
+    cached = prompt_cache.reuse(prompt_ids)
+    prompt_cache.cache.reserve(len(prompt_ids) + room)
+    return prompt_cache.cache, cached
+
+
+def check_prompt_cache(model, prompt_cache: PromptCache):
+    """A prompt cache made for another model (layers, KV heads, head size) is refused."""
+    cache = prompt_cache.cache
+    keys = next((layer.keys for layer in cache.layers if layer.keys is not None), None)
+    args = model.args
+    shape = (len(model.layers), args.num_key_value_heads, args.head_dim)
+    if len(cache.layers) != shape[0] or (keys is not None and (keys.shape[1], keys.shape[3]) != shape[1:]):
+        have = (len(cache.layers),) + ((keys.shape[1], keys.shape[3]) if keys is not None else ())
+        raise RefusionError(f"this prompt cache was made for another model ({have} layers/KV heads/head size, "
+                            f"this model has {shape})")
+
+
 def start_state(model, prompt_ids: Sequence[int], settings: DecodeSettings,
-                mask_id: Optional[int], eos_token_id) -> DecodeState:
-    """Validate the request and set up the cache and counters for one generation."""
+                mask_id: Optional[int], eos_token_id, prompt_cache: Optional[PromptCache] = None) -> DecodeState:
+    """Validate the request and set up the cache and counters for one generation (in the prompt
+    cache, when given: then only the prompt tokens it does not hold are fed)."""
     settings.validate()
     prompt_ids = check_token_ids("prompt_ids", prompt_ids)
     if not prompt_ids:
@@ -394,15 +424,35 @@ def start_state(model, prompt_ids: Sequence[int], settings: DecodeSettings,
         key = mx.random.key(seed)
     # The padding that makes whole slots and blocks may run past max_position_embeddings: RoPE
     # is computed for any position, and nothing placed there is returned (docs/decoding.md).
+    cache, cached = open_cache(model, prompt_ids, settings.padded_length, settings.block_length, prompt_cache)
     return DecodeState(
-        cache=SlotCache(len(model.layers), len(prompt_ids) + settings.padded_length),
+        cache=cache,
         prompt_length=len(prompt_ids),
-        uncached=prompt_ids,
+        uncached=prompt_ids[cached:],
+        cached_tokens=cached,
         mask_id=resolve_mask_id(mask_id, model),
         eos_ids=resolve_eos(eos_token_id, model),
         gen_length=settings.gen_length,
         key=key,
     )
+
+
+def make_room(state: DecodeState, needed: int):
+    """A bounded cache (``max_kv_size``) makes room before a block (or a left-to-right step) that
+    needs ``needed`` entries besides the prompt tokens still to feed: a prompt too long to go with
+    that forward is first fed in chunks (all but its last token), each after an eviction; then the
+    oldest entries go. Entries are only ever dropped here, between blocks. Unbounded: nothing."""
+    cache = state.cache
+    if cache.max_size is None:
+        return
+    while len(state.uncached) > 1 and cache.length + len(state.uncached) + needed > cache.max_size:
+        chunk = min(len(state.uncached) - 1, cache.max_size - SINK - needed - 1)
+        cache.evict_for(chunk)
+        start = state.fed_from
+        yield from request(state, state.uncached[:chunk], range(start, start + chunk), cache.append(chunk), last=1)
+        cache.commit(chunk)
+        state.uncached = state.uncached[chunk:]
+    cache.evict_for(len(state.uncached) + needed)
 
 
 def plan_and_infill(state: DecodeState, settings: DecodeSettings, on_commit: Callable[[Commit], None]):
@@ -411,11 +461,23 @@ def plan_and_infill(state: DecodeState, settings: DecodeSettings, on_commit: Cal
     block = settings.block_length
     S = settings.slot_size
     for b in range(settings.serial_num_blocks):
+        yield from make_room(state, block)
         pending = list(range(b * block, (b + 1) * block, S))
         while pending:
             on_commit((yield from iterate(state, pending, settings)))
         if state.finished:
             break
+
+
+def run_steps(model, state: DecodeState, steps):
+    """Serve a step generator's requests for one sequence alone until it ends; its return value."""
+    reply = None
+    while True:
+        try:
+            need = steps.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        reply = forward(model, state.cache, need) if isinstance(need, Forward) else mx.eval(*need.arrays)
 
 
 def generate_step(model, state: DecodeState, settings: DecodeSettings) -> Iterator[Commit]:
@@ -434,54 +496,6 @@ def generate_step(model, state: DecodeState, settings: DecodeSettings) -> Iterat
     yield from commits
 
 
-@dataclass
-class GenerationResult:
-    """Generated ids in position order (ending with the first EOS, if any) and what they cost."""
-
-    tokens: List[int]
-    tpf: float  # upstream's TPF, for comparison with the paper
-    model_calls: int
-    tokens_fed: int
-    wall_time: float  # seconds
-    peak_memory: float  # GB, as reported by MLX
-    iterations: int = 0
-    commits: List[Commit] = field(default_factory=list, repr=False)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return len(self.tokens) / self.wall_time if self.wall_time > 0 else 0.0
-
-    @property
-    def tokens_per_call(self) -> float:
-        """Honest parallelism: generated tokens per model forward, every forward counted."""
-        return len(self.tokens) / self.model_calls if self.model_calls else 0.0
-
-
-def in_position_order(commits: Sequence[Commit], eos_ids, limit: Optional[int] = None) -> List[int]:
-    """The committed tokens sorted by position, without padding past ``limit``, cut after the first EOS."""
-    placed = sorted((p, t) for c in commits for p, t in zip(c.positions, c.tokens)
-                    if limit is None or p < limit)
-    tokens = [t for _, t in placed]
-    for i, t in enumerate(tokens):
-        if t in eos_ids:
-            return tokens[: i + 1]
-    return tokens
-
-
-def summarize(commits: Sequence[Commit], state: DecodeState, wall_time: float) -> GenerationResult:
-    """Collect one generation's commits and counters into a result."""
-    return GenerationResult(
-        tokens=in_position_order(commits, state.eos_ids, state.gen_length),
-        tpf=sum(c.tpf for c in commits) / max(len(commits), 1),
-        model_calls=state.model_calls,
-        tokens_fed=state.tokens_fed,
-        wall_time=wall_time,
-        peak_memory=mx.get_peak_memory() / 1e9,
-        iterations=len(commits),
-        commits=list(commits),
-    )
-
-
 def generate_ids(
     model,
     prompt_ids: Sequence[int],
@@ -496,6 +510,8 @@ def generate_ids(
     mask_id: Optional[int] = None,
     eos_token_id: Union[None, int, Iterable[int]] = None,
     preset: Optional[str] = None,
+    prompt_cache: Optional[PromptCache] = None,
+    max_kv_size: Optional[int] = None,
 ) -> GenerationResult:
     """Plan-and-infill generation from token ids (docs/decoding.md describes the algorithm).
 
@@ -517,6 +533,10 @@ def generate_ids(
         mask_id: the mask token; default the config's ``mask_token_id``.
         eos_token_id: an id or ids that end the generation; default the config's.
         preset: a name from ``presets.PRESETS`` (the paper's per-benchmark settings).
+        prompt_cache: a ``make_prompt_cache`` cache kept across calls: only the prompt tokens it
+            does not hold are fed, and it holds prompt + answer afterwards.
+        max_kv_size: bound the cache to this many entries (a fresh bounded cache; a prompt
+            cache brings its own bound).
 
     Returns:
         A ``GenerationResult``: the tokens in position order, up to and including the first
@@ -526,9 +546,31 @@ def generate_ids(
     settings = settings_for(model, len(prompt_ids), preset=preset, gen_length=gen_length, slot_size=slot_size,
                             serial_num_blocks=serial_num_blocks, slot_threshold=slot_threshold,
                             token_threshold=token_threshold, temperature=temperature, seed=seed)
-    state = start_state(model, prompt_ids, settings, mask_id, eos_token_id)
+    prompt_cache = bounded_cache(model, prompt_cache, max_kv_size)
+    state = start_state(model, prompt_ids, settings, mask_id, eos_token_id, prompt_cache)
     warn_if_slow_blas()  # once per process, and only for a request that proved good
+    transcript = Transcript(state.eos_ids, settings.gen_length)
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    commits = list(generate_step(model, state, settings))
-    return summarize(commits, state, time.perf_counter() - tic)
+    for commit in generate_step(model, state, settings):
+        transcript.add(commit)
+    return finish(state, transcript, time.perf_counter() - tic, prompt_ids, prompt_cache)
+
+
+def bounded_cache(model, prompt_cache: Optional[PromptCache], max_kv_size: Optional[int]) -> Optional[PromptCache]:
+    """The prompt cache a call decodes in: the given one, or for ``max_kv_size`` a fresh bounded one."""
+    if max_kv_size is None:
+        return prompt_cache
+    if prompt_cache is not None:
+        raise RefusionError("give max_kv_size to make_prompt_cache, not beside a prompt_cache")
+    from .kv.prompt import make_prompt_cache
+
+    return make_prompt_cache(model, max_kv_size)
+
+
+def finish(state: DecodeState, transcript: Transcript, wall_time: float, prompt_ids: Sequence[int],
+           prompt_cache: Optional[PromptCache], tpf: Optional[float] = None) -> GenerationResult:
+    """The result of one generation; a prompt cache records what it now holds."""
+    if prompt_cache is not None:
+        prompt_cache.record(prompt_ids, transcript.placed)
+    return transcript.result(state.model_calls, state.tokens_fed, wall_time, state.cached_tokens, tpf)

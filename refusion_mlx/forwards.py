@@ -5,7 +5,7 @@ are generators. ``request`` yields a ``Forward``: tokens, RoPE positions, a cach
 and the probabilities the step will compare with its thresholds (``probe``); the step is
 sent ``Logits`` back. ``to_host`` yields a ``Sync`` before a step reads lazy results on
 the host. ``decode.generate_step`` serves one sequence's requests with ``forward``;
-``batch.Batch`` serves many sequences' at once, its logits split by ``answers``, which
+``scheduler.Scheduler`` serves many sequences' at once, its logits split by ``answers``, which
 computes every step's argmax and probes in one go.
 """
 

@@ -11,14 +11,15 @@ offline; ``--model GSAI-ML/ReFusion`` is the real 8B model.
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
 from .blas import warn_if_slow_blas
-from .cli import (ArgumentParser, add_decode_flags, add_model_flags, add_prompt_flags, read_prompt,
-                  run_command, settings_from_args)
-from .decode import GenerationResult, generate_step, settings_for, start_state, summarize
+from .cli import (ArgumentParser, add_cache_flags, add_decode_flags, add_model_flags, add_prompt_flags,
+                  check_cache_flags, decode_knobs, read_prompt, run_command, settings_from_args)
+from .decode import bounded_cache, finish, generate_step, settings_for, start_state
+from .transcript import GenerationResult, Transcript
 from .tokenizer_utils import default_eos, prompt_ids
 
 
@@ -33,20 +34,11 @@ class GenerationUpdate:
     result: Optional[GenerationResult] = field(default=None, repr=False)  # set on the last update
 
 
-def _texts(tokenizer, placed: Dict[int, int], eos_ids, limit: int) -> tuple:
-    """(all filled text, gap-free prefix text), both cut before the first EOS and at ``limit``."""
-    ordered, prefix, contiguous = [], [], True
-    for expected, position in enumerate(sorted(p for p in placed if p < limit)):
-        token = placed[position]
-        if token in eos_ids:
-            break
-        ordered.append(token)
-        contiguous = contiguous and position == expected
-        if contiguous:
-            prefix.append(token)
-    # Special tokens (chat markers) are not text; upstream decodes with skip_special_tokens too.
-    return (tokenizer.decode(ordered, skip_special_tokens=True),
-            tokenizer.decode(prefix, skip_special_tokens=True))
+def _texts(tokenizer, transcript: Transcript) -> tuple:
+    """(all filled text, gap-free prefix text), both cut before the first EOS. Special tokens (chat
+    markers) are not text; upstream decodes with skip_special_tokens too."""
+    return (tokenizer.decode(transcript.tokens(with_eos=False), skip_special_tokens=True),
+            tokenizer.decode(transcript.prefix(), skip_special_tokens=True))
 
 
 def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int], List[dict]], *,
@@ -64,27 +56,26 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int], List[dic
         use_chat_template: format the prompt with the tokenizer's chat template (as upstream).
         enable_thinking: the template's thinking switch (on, as upstream evaluates).
         **knobs: ``generate_ids``'s: gen_length, slot_size, serial_num_blocks, slot_threshold,
-            token_threshold, temperature, seed, mask_id, eos_token_id, preset. Unset ones
-            come from the preset, then the model's own defaults, then the library's.
+            token_threshold, temperature, seed, mask_id, eos_token_id, preset, prompt_cache,
+            max_kv_size. Unset ones come from the preset, then the model's own defaults, then
+            the library's.
     """
     ids = prompt_ids(tokenizer, prompt, system_prompt, use_chat_template, enable_thinking)
     mask_id = knobs.pop("mask_id", None)
     eos = knobs.pop("eos_token_id", None)
+    prompt_cache = bounded_cache(model, knobs.pop("prompt_cache", None), knobs.pop("max_kv_size", None))
     settings = settings_for(model, len(ids), **knobs)
-    state = start_state(model, ids, settings, mask_id, eos if eos is not None else default_eos(tokenizer))
+    state = start_state(model, ids, settings, mask_id, eos if eos is not None else default_eos(tokenizer),
+                        prompt_cache)
     warn_if_slow_blas()  # once per process, and only for a request that proved good
-    placed: Dict[int, int] = {}
-    commits = []
+    transcript = Transcript(state.eos_ids, settings.gen_length)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     for commit in generate_step(model, state, settings):
-        commits.append(commit)
-        placed.update(zip(commit.positions, commit.tokens))
-        text, prefix = _texts(tokenizer, placed, state.eos_ids, settings.gen_length)
-        yield GenerationUpdate(text, prefix, [p for p in commit.positions if p < settings.gen_length])
-    result = summarize(commits, state, time.perf_counter() - tic)
-    text, prefix = _texts(tokenizer, placed, state.eos_ids, settings.gen_length)
-    yield GenerationUpdate(text, prefix, [], finished=True, result=result)
+        filled = transcript.add(commit)
+        yield GenerationUpdate(*_texts(tokenizer, transcript), filled)
+    result = finish(state, transcript, time.perf_counter() - tic, ids, prompt_cache)
+    yield GenerationUpdate(*_texts(tokenizer, transcript), [], finished=True, result=result)
 
 
 def generate(model, tokenizer, prompt: Union[str, Sequence[int], List[dict]], verbose: bool = False,
@@ -129,6 +120,7 @@ def build_parser() -> ArgumentParser:
     add_model_flags(parser)
     add_prompt_flags(parser)
     add_decode_flags(parser)
+    add_cache_flags(parser)
     parser.add_argument("--verbose", action="store_true", help="print TPF, model calls, tokens/s, memory")
     return parser
 
@@ -145,32 +137,52 @@ def off_format_warning(model, args) -> Optional[str]:
             f"with {', '.join(asked)} its output may be nonsense")
 
 
+def stream_to_stdout(updates: Iterator[GenerationUpdate]) -> GenerationUpdate:
+    """Print a generation as it is committed; returns the last update (with the result).
+
+    Slots land out of order: only the start of the text that has no holes left (and no
+    half-decoded character) is printed as it grows; the rest when the generation ends.
+    """
+    printed, update = "", None
+    for update in updates:
+        stable = update.prefix_text.rstrip("\ufffd")
+        if stable.startswith(printed):
+            print(stable[len(printed):], end="", flush=True)
+            printed = stable
+    print(update.text[len(printed):] if update.text.startswith(printed) else "\n" + update.text)
+    return update
+
+
+def cache_from_args(args, model):
+    """The prompt cache a command starts from: ``--prompt-cache-file``'s, or a fresh bounded one for
+    ``--max-kv-size``, or None; with the file's saved prompt and system prompt (empty if none)."""
+    from .kv import load_prompt_cache, make_prompt_cache
+
+    if getattr(args, "prompt_cache_file", None):
+        cache = load_prompt_cache(args.prompt_cache_file, model)
+        return cache, cache.metadata.get("prompt", ""), cache.metadata.get("system_prompt") or None
+    if getattr(args, "max_kv_size", None) is not None:
+        return make_prompt_cache(model, args.max_kv_size), "", None
+    return None, "", None
+
+
 def run(args) -> int:
     from .blas import blas_report
     from .loading import load
 
     prompt = read_prompt(args.prompt)
     settings_from_args(args)  # bad flags fail here, before a long load
+    check_cache_flags(args)
+    knobs = decode_knobs(args)
     model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
     warning = off_format_warning(model, args)
     if warning:
         print(warning, file=sys.stderr)
-    printed = ""
-    update = None
-    for update in stream_generate(model, tokenizer, prompt, system_prompt=args.system_prompt,
-                                  use_chat_template=not args.ignore_chat_template,
-                                  enable_thinking=not args.no_thinking, preset=args.preset,
-                                  gen_length=args.max_tokens, slot_size=args.slot_size,
-                                  serial_num_blocks=args.blocks, slot_threshold=args.slot_threshold,
-                                  token_threshold=args.token_threshold, temperature=args.temp,
-                                  seed=args.seed):
-        # Slots land out of order: stream only the start of the text that has no holes left
-        # (and no half-decoded character).
-        stable = update.prefix_text.rstrip("\ufffd")
-        if stable.startswith(printed):
-            print(stable[len(printed):], end="", flush=True)
-            printed = stable
-    print(update.text[len(printed):] if update.text.startswith(printed) else "\n" + update.text)
+    prompt_cache, saved_prompt, saved_system = cache_from_args(args, model)
+    update = stream_to_stdout(stream_generate(
+        model, tokenizer, saved_prompt + prompt, system_prompt=args.system_prompt or saved_system,
+        use_chat_template=not args.ignore_chat_template, enable_thinking=not args.no_thinking,
+        prompt_cache=prompt_cache, **knobs))
     if args.verbose:
         print(format_stats(update.result))
         print(blas_report())

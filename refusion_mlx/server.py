@@ -10,7 +10,7 @@ may carry ReFusion's knobs: ``slot_size``, ``blocks``, ``slot_threshold``,
 ``left-to-right``).
 
 The standard library's ``ThreadingHTTPServer`` (as ``mlx_lm.server``) parses
-requests in one thread each; the main thread owns the model and a ``Batch``:
+requests in one thread each; the main thread owns the model and a ``scheduler.Scheduler``:
 requests that arrive while others decode join the batch between two steps (up to
 ``--max-concurrency`` at once, the rest wait in a queue), and each step is one
 forward for all of them. A streaming client that goes away frees its sequence.
@@ -162,9 +162,9 @@ class Engine:
     """
 
     def __init__(self, model, max_concurrency: int, max_queue: int):
-        from .batch import Batch
+        from .scheduler import Scheduler
 
-        self.batch = Batch(model)
+        self.batch = Scheduler(model, max_concurrency)
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.incoming: "queue.Queue[Job]" = queue.Queue()
@@ -192,7 +192,7 @@ class Engine:
         try:
             while not self.stopping.is_set():
                 self._admit()
-                if not self.batch.active:
+                if not self.batch.busy:
                     continue
                 for job in self.running.values():
                     if job.cancelled:
@@ -210,7 +210,7 @@ class Engine:
 
     def _admit(self):
         """Move new jobs into the batch while there is room; block only when nothing runs."""
-        block = not self.batch.active and not self.waiting
+        block = not self.batch.busy and not self.waiting
         while True:
             try:
                 job = self.incoming.get(block=block, timeout=0.5 if block else None)
@@ -220,7 +220,7 @@ class Engine:
                 return
             self.waiting.append(job)
             block = False
-        while self.waiting and len(self.batch.active) < self.max_concurrency:
+        while self.waiting and len(self.batch.active) + len(self.batch.waiting) < self.max_concurrency:
             job = self.waiting.pop(0)
             if job.cancelled:
                 job.events.put(("done", None))
@@ -347,7 +347,7 @@ class Service:
 
     def job(self, body: dict, chat: bool) -> Job:
         """Check a request's fields and build its job; RequestError for anything wrong."""
-        from .batch import DECODERS, PLAN_AND_INFILL
+        from .scheduler import DECODERS, PLAN_AND_INFILL
         from .decode import settings_for
         from .presets import PRESETS
 

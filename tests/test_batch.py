@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from refusion_mlx import RefusionError, generate, generate_ar_ids, generate_ids
-from refusion_mlx.batch import LEFT_TO_RIGHT, PLAN_AND_INFILL, Batch, batch_generate, batch_generate_ids
+from refusion_mlx.batch import LEFT_TO_RIGHT, PLAN_AND_INFILL, batch_generate, batch_generate_ids
+from refusion_mlx.scheduler import Scheduler
 from refusion_mlx.decode import DecodeSettings
 
 KNOB_POOL = [
@@ -30,20 +31,17 @@ def alone(model, request):
 
 
 def together(model, requests, max_batch_size=None, packed=True):
-    """Decode the requests in one Batch, at most ``max_batch_size`` at a time (the rest join later).
+    """Decode the requests in one Scheduler, at most ``max_batch_size`` at a time (the rest join later).
 
     ``packed``: the CPU's layout (one row, no padding) or the padded one other devices use.
     """
-    batch = Batch(model)
-    batch.packed = packed
-    limit = max_batch_size or len(requests)
-    waiting, sequences = list(enumerate(requests)), {}
-    while waiting or batch.active:
-        while waiting and len(batch.active) < limit:
-            i, (prompt, decoder, knobs, eos) = waiting.pop(0)
-            sequences[i] = batch.add(prompt, DecodeSettings(**knobs), decoder=decoder, eos_token_id=eos)
+    batch = Scheduler(model, max_active=max_batch_size or len(requests))
+    batch.executor.packed = packed
+    sequences = [batch.add(prompt, DecodeSettings(**knobs), decoder=decoder, eos_token_id=eos)
+                 for prompt, decoder, knobs, eos in requests]
+    while batch.busy:
         batch.step()
-    return [sequences[i].result for i in range(len(requests))], batch
+    return [s.result for s in sequences], batch
 
 
 def random_requests(model, rng, size):
@@ -75,8 +73,8 @@ def test_every_sequence_equals_decoding_it_alone(tiny_model, packed):
             for c in got.commits:
                 seen[c.kind] += 1
         # One forward per step for all of them: the batch ran as many forwards as its longest member.
-        assert batch.forwards == max(r.model_calls for r in results)
-        assert not batch.active and batch.cache.nbytes == 0  # finished sequences left, buffers freed
+        assert batch.executor.forwards == max(r.model_calls for r in results)
+        assert not batch.active and batch.executor.cache.nbytes == 0  # finished sequences left, buffers freed
     assert all(seen.values()), seen
 
 
@@ -87,41 +85,41 @@ def test_sequences_joining_a_running_batch_decode_the_same(tiny_model):
     for limit, packed in ((2, True), (3, False)):
         results, batch = together(tiny_model, requests, max_batch_size=limit, packed=packed)
         assert [r.tokens for r in results] == expected
-        assert batch.forwards > max(r.model_calls for r in results)  # they could not all run at once
+        assert batch.executor.forwards > max(r.model_calls for r in results)  # they could not all run at once
 
 
 def test_the_cache_holds_one_prefix_per_sequence(tiny_model, monkeypatch):
     """Rows never hold k copies of a prefix: the buffer is one row per sequence of its own size
     (with exact lengths: CUDA's key buckets round the buffer up)."""
-    monkeypatch.setattr("refusion_mlx.batch.key_bucket", lambda: 1)
+    monkeypatch.setattr("refusion_mlx.executor.key_bucket", lambda: 1)
     prompts = [list(range(1, 30)), list(range(5, 12))]
     settings = DecodeSettings(gen_length=64, slot_size=8, serial_num_blocks=1, slot_threshold=0.99,
                               token_threshold=0.99)
-    batch = Batch(tiny_model)
+    batch = Scheduler(tiny_model)
     for p in prompts:
         batch.add(p, settings, eos_token_id=[])
     longest = max(len(p) for p in prompts) + settings.padded_length
     args = tiny_model.args
     entry = args.num_key_value_heads * args.head_dim * 4 * 2  # keys + values, float32
     infilled = 0
-    while batch.active:
+    while batch.busy:
         batch.step()
         infilled += sum(c.kind == "infill" and c.slots > 1 for s in batch.active for c in s.commits)
-        assert batch.cache.nbytes <= len(prompts) * (longest + 1) * entry * len(tiny_model.layers)
+        assert batch.executor.cache.nbytes <= len(prompts) * (longest + 1) * entry * len(tiny_model.layers)
     assert infilled  # several slot rows were infilled side by side
 
 
 def test_a_cancelled_sequence_leaves_and_the_others_go_on(tiny_model):
     knobs = KNOB_POOL[0]
     prompts = [[3, 4, 5], [7, 8, 9, 10, 11], [20, 21]]
-    batch = Batch(tiny_model)
+    batch = Scheduler(tiny_model)
     seqs = [batch.add(p, DecodeSettings(**knobs), eos_token_id=[]) for p in prompts]
     batch.step()
     batch.step()
     batch.cancel(seqs[1])
     left = batch.step()
     assert left == [seqs[1]] and len(batch.active) == 2
-    while batch.active:
+    while batch.busy:
         batch.step()
     for i in (0, 2):
         assert seqs[i].result.tokens == generate_ids(tiny_model, prompts[i], eos_token_id=[], **knobs).tokens
@@ -157,17 +155,17 @@ def test_bad_batch_arguments_are_refused(tiny_model):
     with pytest.raises(RefusionError, match="max_position_embeddings"):
         batch_generate_ids(tiny_model, [[1] * 1000], decoder=LEFT_TO_RIGHT, gen_length=64)
     with pytest.raises(RefusionError, match="decoder"):
-        Batch(tiny_model).add([1, 2], DecodeSettings(), decoder="sideways")
+        Scheduler(tiny_model).add([1, 2], DecodeSettings(), decoder="sideways")
 
 
 def test_the_padded_layout_with_attention_buckets_decodes_the_same(tiny_model):
     """CUDA's shape: rows padded, key and query lengths rounded up to fixed sizes (masked)."""
     rng = np.random.default_rng(3)
     requests = random_requests(tiny_model, rng, 5)
-    batch = Batch(tiny_model)
-    batch.packed, batch.bucket = False, 256
+    batch = Scheduler(tiny_model)
+    batch.executor.packed, batch.executor.bucket = False, 256
     sequences = [batch.add(p, DecodeSettings(**k), decoder=d, eos_token_id=e) for p, d, k, e in requests]
-    while batch.active:
+    while batch.busy:
         batch.step()
     assert [s.result.tokens for s in sequences] == [alone(tiny_model, r) for r in requests]
 

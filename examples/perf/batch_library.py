@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's 
 
 from refusion_mlx import load  # noqa: E402  (first: it loads a fast BLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
-from refusion_mlx import batch  # noqa: E402
+from refusion_mlx import batch, scheduler  # noqa: E402
 from refusion_mlx.demo.tasks import test_split  # noqa: E402
 from refusion_mlx.tokenizer_utils import default_eos, prompt_ids  # noqa: E402
 
@@ -46,13 +46,13 @@ def main():
     model, tokenizer = load()
     prompts = [prompt_ids(tokenizer, x["query"]) for x in test_split(size=args.requests)]
     eos = default_eos(tokenizer)
-    batch.mx = TimedEval()
+    scheduler.mx = TimedEval()
     counts = {"steps": 0, "sequences": 0, "seconds": 0.0}
-    step = batch.Batch.step
+    step = scheduler.Scheduler.step
 
     def counted_step(self):
         if args.packed or args.padded:
-            self.packed = args.packed
+            self.executor.packed = args.packed
         counts["steps"] += 1
         counts["sequences"] += len(self.active)
         tic = time.perf_counter()
@@ -60,7 +60,7 @@ def main():
         counts["seconds"] += time.perf_counter() - tic
         return left
 
-    batch.Batch.step = counted_step
+    scheduler.Scheduler.step = counted_step
     print(f"device {mx.default_device()}, {len(prompts)} prompts")
     for size in [size for size in (1, 8, 16) if size <= len(prompts)]:
         batch.batch_generate_ids(model, prompts[:32], max_batch_size=size, eos_token_id=eos)  # warm-up

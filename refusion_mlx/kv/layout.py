@@ -35,6 +35,7 @@ import mlx.core as mx
 import numpy as np
 
 
+SINK = 4  # a bounded cache never evicts the entries of the first positions (see ``evict_for``)
 QUERY_BUCKET = 32  # with key buckets, masked attention also pads its queries to a multiple of this
 
 
@@ -88,12 +89,29 @@ class CacheFull(ValueError):
 class SlotLayout:
     """One sequence's committed length, its entries' positions, and the views of its forwards."""
 
-    def __init__(self, capacity: int, bucket: int = 1):
+    def __init__(self, capacity: int, bucket: int = 1, max_size: Optional[int] = None):
         self.bucket = bucket
-        self.limit = capacity
+        self.max_size = max_size  # a bounded cache: never more entries than this (see ``evict_for``)
+        self.limit = capacity if max_size is None else max_size
         self.length = 0
-        self.positions = np.full(capacity, -1, dtype=np.int64)  # RoPE position of every entry
-        self.moves: List[Tuple[np.ndarray, int]] = []  # (source entries, first destination): not yet applied
+        self.positions = np.full(self.limit, -1, dtype=np.int64)  # RoPE position of every entry
+        self.ages = np.zeros(self.limit, dtype=np.int64)  # when each committed entry was committed
+        self.committed = 0  # entries ever committed: the next one's age
+        self.moves: List[Tuple[np.ndarray, Union[int, np.ndarray]]] = []  # (sources, destination): not applied yet
+
+    def adopt(self, other: "SlotLayout"):
+        """Take ``other``'s bookkeeping (a batch row's layout handing a sequence back to its cache)."""
+        if other.moves:
+            raise ValueError("apply a layout's moves before adopting it")
+        self.reserve(other.limit)
+        self.length, self.committed = other.length, other.committed
+        self.positions[: other.limit], self.ages[: other.limit] = other.positions, other.ages
+
+    def clone(self) -> "SlotLayout":
+        """The bookkeeping alone, without buffers (a batch row takes a kept cache's layout)."""
+        copy = SlotLayout(self.limit, 1, self.max_size)
+        copy.adopt(self)
+        return copy
 
     @property
     def capacity(self) -> int:
@@ -101,11 +119,15 @@ class SlotLayout:
         return -(-self.limit // self.bucket) * self.bucket
 
     def reserve(self, capacity: int):
-        """Room for at least ``capacity`` entries (a kept cache reused by a longer request)."""
+        """Room for at least ``capacity`` entries (a kept cache reused by a longer request); a
+        bounded cache keeps its size."""
+        if self.max_size is not None:
+            capacity = min(capacity, self.max_size)
         if capacity > self.limit:
-            grown = np.full(capacity, -1, dtype=np.int64)
-            grown[: self.limit] = self.positions
-            self.positions, self.limit = grown, capacity
+            grow = capacity - self.limit
+            self.positions = np.concatenate([self.positions, np.full(grow, -1, dtype=np.int64)])
+            self.ages = np.concatenate([self.ages, np.zeros(grow, dtype=np.int64)])
+            self.limit = capacity
 
     def _check_room(self, end: int):
         if end > self.limit:
@@ -173,6 +195,7 @@ class SlotLayout:
         if source.size == 0:
             return
         self.positions[start : start + source.size] = self.positions[source]
+        self.ages[start : start + source.size] = self.ages[source]
         self.moves.append((source, start))
 
     def keep(self, entries: np.ndarray):
@@ -180,12 +203,17 @@ class SlotLayout:
         entries = np.asarray(entries)
         self._check_room(self.length + entries.size)
         self.move(entries, self.length)
-        self.length += entries.size
+        self._committed(entries.size)
+
+    def _committed(self, n: int):
+        self.ages[self.length : self.length + n] = self.committed + np.arange(n)
+        self.committed += n
+        self.length += n
 
     def commit(self, n: int):
         """Keep the ``n`` entries written right after the committed ones."""
         self._check_room(self.length + n)
-        self.length += n
+        self._committed(n)
 
     def crop(self, length: int):
         """Forget everything after the first ``length`` entries (O(1))."""
@@ -204,11 +232,31 @@ class SlotLayout:
         new_length = int(kept.sum())
         holes = np.flatnonzero(~kept[:new_length])
         movers = new_length + np.flatnonzero(kept[new_length:])
-        for hole, mover in zip(holes, movers):  # host-side bookkeeping; the buffers copy in one go
-            self.positions[hole] = self.positions[mover]
+        self.positions[holes], self.ages[holes] = self.positions[movers], self.ages[movers]
         if holes.size:
             self.moves.append((movers, holes))
         self.length = new_length
+
+    def evict_for(self, needed: int, sink: int = SINK) -> int:
+        """A bounded cache makes room for ``needed`` more entries; returns how many it dropped.
+
+        It keeps the entries of the first ``sink`` positions (the start of the conversation,
+        which attention leans on) and the most recently committed others, as mlx-lm's rotating
+        cache does; it drops at least 1/16 of the cache at a time, so that left-to-right decoding
+        does not copy entries on every token. Only committed entries are dropped: call it between
+        blocks, never while a block's forwards are under way.
+        """
+        if self.max_size is None or self.length + needed <= self.max_size:
+            return 0
+        drop = max(self.length + needed - self.max_size, self.max_size // 16)
+        candidates = np.flatnonzero(self.positions[: self.length] >= sink)
+        if drop > candidates.size:
+            raise CacheFull(f"a cache of {self.max_size} entries cannot make room for {needed} more")
+        victims = candidates[np.argsort(self.ages[candidates], kind="stable")[:drop]]
+        kept = np.ones(self.length, dtype=bool)
+        kept[victims] = False
+        self.retain(kept)
+        return drop
 
     def take_moves(self) -> List[Tuple[np.ndarray, Union[int, np.ndarray]]]:
         """The recorded moves, oldest first, forgotten here (the buffers apply them)."""

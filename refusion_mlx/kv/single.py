@@ -58,8 +58,9 @@ class LayerCache:
 class SlotCache(SlotLayout):
     """KV buffers of all layers of one sequence; moves (``keep``, ``retain``) happen at once."""
 
-    def __init__(self, num_layers: int, capacity: int, bucket: Optional[int] = None):
-        super().__init__(capacity, key_bucket() if bucket is None else bucket)
+    def __init__(self, num_layers: int, capacity: int, bucket: Optional[int] = None,
+                 max_size: Optional[int] = None):
+        super().__init__(capacity, key_bucket() if bucket is None else bucket, max_size)
         self.layers: List[LayerCache] = [LayerCache(self.capacity) for _ in range(num_layers)]
 
     def reserve(self, capacity: int):
