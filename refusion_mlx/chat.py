@@ -14,7 +14,8 @@ import sys
 from typing import List, Optional, Sequence
 
 from .cli import (ArgumentParser, add_cache_flags, add_decode_flags, add_model_flags, check_cache_flags,
-                  decode_knobs, run_command, settings_from_args)
+                  decode_knobs, in_flag_names, run_command, settings_from_args)
+from .decode import check_kv_size, settings_for
 from .errors import RefusionError
 
 QUIT = {"q", "/quit", "/exit"}
@@ -88,6 +89,7 @@ def run(args) -> int:
     check_cache_flags(args)
     knobs = decode_knobs(args)
     model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
+    check_kv_size(args.max_kv_size, settings_for(model, **knobs).block_length)
     chat = Conversation(model, args)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -104,7 +106,7 @@ def run(args) -> int:
         try:
             update = chat.ask(tokenizer, line, knobs)
         except RefusionError as e:  # a turn that cannot run (the conversation outgrew the model): say so, go on
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {in_flag_names(str(e))}", file=sys.stderr)
             continue
         if args.verbose:
             r = update.result

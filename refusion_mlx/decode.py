@@ -377,13 +377,18 @@ def open_cache(model, prompt_ids: List[int], room: int, block: int,
     if not isinstance(prompt_cache, PromptCache):
         raise RefusionError(f"prompt_cache must come from make_prompt_cache, got {type(prompt_cache).__name__}")
     check_prompt_cache(model, prompt_cache)
-    least = SINK + block + 2
-    if prompt_cache.max_kv_size is not None and prompt_cache.max_kv_size < least:
-        raise RefusionError(f"max_kv_size {prompt_cache.max_kv_size} is too small: one block of this request "
-                            f"needs {block} entries beside the first {SINK} kept ones; use at least {least}")
+    check_kv_size(prompt_cache.max_kv_size, block)
     cached = prompt_cache.reuse(prompt_ids)
     prompt_cache.cache.reserve(len(prompt_ids) + room)
     return prompt_cache.cache, cached
+
+
+def check_kv_size(max_kv_size: Optional[int], block: int):
+    """A bounded cache must hold one block's entries besides the first ones it never evicts."""
+    least = SINK + block + 2
+    if max_kv_size is not None and max_kv_size < least:
+        raise RefusionError(f"max_kv_size {max_kv_size} is too small: one block of this request needs {block} "
+                            f"entries beside the first {SINK} kept ones; use at least {least}")
 
 
 def check_prompt_cache(model, prompt_cache: PromptCache):

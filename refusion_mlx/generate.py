@@ -110,6 +110,7 @@ def format_stats(result: GenerationResult) -> str:
         f"TPF (upstream's definition): {result.tpf:.2f}",
         f"Model calls: {result.model_calls} ({result.tokens_per_call:.2f} tokens per call, "
         f"{iterations}, {result.tokens_fed} tokens fed)",
+        f"Prompt cache: {result.cached_tokens} tokens reused",
         f"Peak memory: {result.peak_memory:.3f} GB",
     ])
 
