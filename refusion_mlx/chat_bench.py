@@ -1,0 +1,159 @@
+"""Conversations with and without a prompt cache, and memory with and without a bounded cache.
+
+    python -m refusion_mlx.chat_bench                          # the demo model (offline)
+    python -m refusion_mlx.chat_bench --shape qwen3-8b         # random weights of the 8B shape
+
+Part 1, a chat with growing history: every turn appends a user message to the conversation
+(its earlier answers included) and decodes with plan-and-infill. With the cache only the new
+turn is fed; without it the whole history is fed again. Per turn it prints the prompt tokens,
+the tokens fed from the prompt, the time to first token (until the output's first token is
+final) and tokens/s. Both runs feed the same prompts (the answers of the cached run).
+
+Part 2, peak memory while generating 2N and 10N tokens left to right, with an unbounded cache
+and with ``--max-kv-size N``: a bounded cache's memory stays flat.
+
+Timings are printed, never asserted; ratios are measured in one run. Random weights (``--shape``)
+give real per-call costs and meaningless text.
+"""
+
+import argparse
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+
+from .cli import ArgumentParser, run_command
+
+
+def user_turns(tokenizer, model, count: int, length: int) -> List[List[int]]:
+    """Token ids of ``count`` user turns: the demo's own test questions, or random tokens."""
+    import random
+
+    if tokenizer is not None:
+        from .demo.tasks import test_split
+
+        return [tokenizer.encode(x["query"]) for x in test_split(size=count)]
+    rng = random.Random(0)
+    return [[rng.randrange(100, model.args.vocab_size - 100) for _ in range(length)] for _ in range(count)]
+
+
+def decode_turn(model, prompt: Sequence[int], knobs: dict, prompt_cache=None) -> dict:
+    """One turn: time to first token (the output's first position final), total time, the answer."""
+    from .decode import generate_step, settings_for, start_state
+    from .transcript import Transcript
+
+    knobs = dict(knobs)
+    eos = knobs.pop("eos", [])
+    settings = settings_for(model, len(prompt), **knobs)
+    state = start_state(model, list(prompt), settings, None, eos, prompt_cache)
+    transcript = Transcript(state.eos_ids, settings.gen_length)
+    tic = time.perf_counter()
+    first = None
+    for commit in generate_step(model, state, settings):
+        transcript.add(commit)
+        if first is None and transcript.prefix_length:
+            first = time.perf_counter() - tic
+    wall = time.perf_counter() - tic
+    if prompt_cache is not None:
+        prompt_cache.record(prompt, transcript.placed)
+    answer = transcript.tokens()
+    return dict(prompt=len(prompt), fed=len(prompt) - state.cached_tokens, ttft=first or wall, wall=wall,
+                answer=answer, tps=len(answer) / wall if wall else 0.0)
+
+
+def chat_table(model, turns: List[List[int]], knobs: dict, out):
+    from .kv import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    history: List[int] = []
+    cached_rows, prompts = [], []
+    for turn in turns:
+        history = history + turn
+        prompts.append(list(history))
+        row = decode_turn(model, history, knobs, cache)
+        cached_rows.append(row)
+        history = history + row["answer"]
+    fresh_rows = [decode_turn(model, p, knobs) for p in prompts]
+    print("| turn | prompt tokens | fed (cache) | fed (no cache) | TTFT cache (s) | TTFT no cache (s) | "
+          "tokens/s cache | tokens/s no cache |", file=out)
+    print("|---|---|---|---|---|---|---|---|", file=out)
+    for i, (c, f) in enumerate(zip(cached_rows, fresh_rows), 1):
+        print(f"| {i} | {c['prompt']} | {c['fed']} | {f['fed']} | {c['ttft']:.3f} | {f['ttft']:.3f} | "
+              f"{c['tps']:.1f} | {f['tps']:.1f} |", file=out)
+    last, first = cached_rows[-1], cached_rows[0]
+    print(f"turn {len(turns)} time to first token: {last['ttft'] / first['ttft']:.2f}x turn 1's with the cache, "
+          f"{fresh_rows[-1]['ttft'] / fresh_rows[0]['ttft']:.2f}x without; cache vs none at turn {len(turns)}: "
+          f"{fresh_rows[-1]['ttft'] / last['ttft']:.2f}x faster", file=out)
+
+
+def peak_while_generating(model, prompt: List[int], tokens: int, max_kv_size: Optional[int]) -> float:
+    """Peak memory above what was in use before (GB), generating ``tokens`` left to right."""
+    from .autoregressive import generate_ar_ids
+
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    generate_ar_ids(model, prompt, max_tokens=tokens, eos_token_id=[], max_kv_size=max_kv_size)
+    return (mx.get_peak_memory() - before) / 1e9
+
+
+def memory_table(model, n: int, out):
+    prompt = list(range(10, 42))
+    print(f"| generated | peak above weights, unbounded (GB) | peak, --max-kv-size {n} (GB) |", file=out)
+    print("|---|---|---|", file=out)
+    peaks = {}
+    for tokens in (2 * n, 10 * n):
+        peaks[tokens] = (peak_while_generating(model, prompt, tokens, None),
+                         peak_while_generating(model, prompt, tokens, n))
+        print(f"| {tokens} | {peaks[tokens][0]:.4f} | {peaks[tokens][1]:.4f} |", file=out)
+    grow = [peaks[10 * n][i] / peaks[2 * n][i] for i in (0, 1)]
+    print(f"peak at {10 * n} tokens / peak at {2 * n}: unbounded {grow[0]:.2f}x, bounded {grow[1]:.2f}x", file=out)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m refusion_mlx.chat_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a model folder or repo (default: the demo model)")
+    parser.add_argument("--shape", help="random weights of a benchmark shape instead (e.g. qwen3-8b)")
+    parser.add_argument("--dtype", help="weights' dtype for --shape (default bfloat16 on a GPU, float32 on a CPU)")
+    parser.add_argument("--turns", type=int, default=8)
+    parser.add_argument("--turn-tokens", type=int, default=64, help="tokens per user turn with --shape")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per answer")
+    parser.add_argument("--memory-n", type=int, default=256, help="N of part 2 (0 skips it)")
+    return parser
+
+
+def run(args) -> int:
+    from .benchmark import SHAPES, random_model
+    from .loading import load
+
+    if args.shape:
+        if args.shape not in SHAPES:
+            from .errors import RefusionError
+
+            raise RefusionError(f"unknown shape {args.shape!r} (choose from {', '.join(sorted(SHAPES))})")
+        dtype = args.dtype or ("float32" if mx.default_device() == mx.cpu else "bfloat16")
+        model, tokenizer = random_model(args.shape, dtype), None
+        knobs = dict(gen_length=args.max_tokens, slot_size=8, serial_num_blocks=max(1, args.max_tokens // 32),
+                     slot_threshold=0.9, token_threshold=0.3)
+        print(f"shape {args.shape}, {dtype}, random weights, device {mx.default_device()}")
+    else:
+        model, tokenizer = load(args.model)
+        knobs = dict(gen_length=args.max_tokens)
+        print(f"model {args.model or 'demo'}, device {mx.default_device()}")
+    from .tokenizer_utils import default_eos
+
+    knobs["eos"] = default_eos(tokenizer) if tokenizer is not None else []
+    decode_turn(model, user_turns(tokenizer, model, 1, args.turn_tokens)[0], knobs)  # warm-up
+    chat_table(model, user_turns(tokenizer, model, args.turns, args.turn_tokens), knobs, sys.stdout)
+    if args.memory_n:
+        memory_table(model, args.memory_n, sys.stdout)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_command(run, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
