@@ -144,6 +144,6 @@ def test_data_card_from_a_trained_folder(tmp_path):
         shutil.copy(DEMO_MODEL_PATH / name, tmp_path / name)
     text = write_card(tmp_path).read_text()
     assert "4.8M-parameter" in text and "80000 train" in text and "25% of the examples" in text
-    assert all(f"| {family} | `" in text for family in tasks.FAMILIES)
+    assert all(f"| {name} | {family.scope} | `" in text for name, family in tasks.FAMILIES.items())
     assert NO_RESULTS in text
     assert "measured" in write_card(tmp_path, "measured: 95%").read_text()
