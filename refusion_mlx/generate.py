@@ -94,7 +94,7 @@ def generate(model, tokenizer, prompt: Union[str, Sequence[int], List[dict]], ve
     Args:
         model, tokenizer: from ``load``.
         prompt: text (one user turn), a list of chat messages, or token ids.
-        verbose: print the text and the statistics (TPF, model calls, tokens/s, memory).
+        verbose: print the text and the statistics (tokens per model call, tokens/s, memory).
         **kwargs: ``stream_generate``'s (prompt formatting and ``generate_ids``'s knobs).
 
     Returns:
@@ -116,9 +116,8 @@ def format_stats(result: GenerationResult) -> str:
         "==========",
         f"Generated: {len(result.tokens)} tokens in {result.wall_time:.3f} s, "
         f"{result.tokens_per_second:.2f} tokens/s",
-        f"TPF (upstream's definition): {result.tpf:.2f}",
-        f"Model calls: {result.model_calls} ({result.tokens_per_call:.2f} tokens per call, "
-        f"{iterations}, {result.tokens_fed} tokens fed)",
+        f"Tokens per model call: {result.tokens_per_call:.2f} ({len(result.tokens)} tokens returned, "
+        f"{result.model_calls} model calls, every one counted; {iterations}, {result.tokens_fed} tokens fed)",
         f"Peak memory: {result.peak_memory:.3f} GB",
     ])
 
@@ -129,7 +128,7 @@ def build_parser() -> ArgumentParser:
     add_model_flags(parser)
     add_prompt_flags(parser)
     add_decode_flags(parser)
-    parser.add_argument("--verbose", action="store_true", help="print TPF, model calls, tokens/s, memory")
+    parser.add_argument("--verbose", action="store_true", help="print tokens per model call, tokens/s, memory")
     return parser
 
 

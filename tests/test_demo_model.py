@@ -132,7 +132,7 @@ def test_cli_without_model_answers_offline(tmp_path):
          "--verbose"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Column 1: 2 + 9 + 0 = 11, write 1, carry 1" in proc.stdout
-    assert "Answer: 1141" in proc.stdout and "TPF" in proc.stdout
+    assert "Answer: 1141" in proc.stdout and "Tokens per model call" in proc.stdout
 
 
 def test_data_card_from_a_trained_folder(tmp_path):

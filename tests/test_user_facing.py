@@ -1,0 +1,58 @@
+"""One rule each, the same wherever a user meets it: command names and their --help, defaults that
+suit the device, the sampling temperature's bound, overwriting an output folder, the statistics
+printed, and the model card a conversion writes."""
+
+import io
+
+import mlx.core as mx
+import pytest
+
+from refusion_mlx import benchmark
+
+
+TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=320, tie_word_embeddings=False)
+
+
+def test_the_shape_benchmark_defaults_to_a_dtype_the_device_runs_well(monkeypatch):
+    """float32 on the CPU, bfloat16 on a GPU, --dtype wins; the first line says which and why."""
+    assert benchmark.shape_dtype(None, mx.cpu)[0] == "float32"
+    assert benchmark.shape_dtype(None, mx.Device(mx.gpu))[0] == "bfloat16"
+    assert benchmark.shape_dtype("bfloat16", mx.cpu) == ("bfloat16", "--dtype")
+    # The real run, on a shape and settings that take seconds.
+    monkeypatch.setitem(benchmark.SHAPES, "tiny", TINY_SHAPE)
+    monkeypatch.setattr(benchmark, "SHAPE_SETTINGS", [dict(slot_size=4, serial_num_blocks=2, slot_threshold=0.9,
+                                                           token_threshold=0.3)])
+    fast = ["--shape", "tiny", "--prompt-tokens", "8", "--max-tokens", "8", "--ar-tokens", "2"]
+    out = io.StringIO()
+    benchmark.run_shape(benchmark.build_parser().parse_args(fast), out=out)
+    first = out.getvalue().splitlines()[0]
+    dtype, why = benchmark.shape_dtype(None)
+    assert f"; {dtype} ({why});" in first, first
+
+    def record(shape, dtype, *rest):  # --dtype reaches the weights; stop before the timing
+        raise KeyboardInterrupt(dtype)
+
+    monkeypatch.setattr(benchmark, "random_model", record)
+    with pytest.raises(KeyboardInterrupt, match="float16"):
+        benchmark.run_shape(benchmark.build_parser().parse_args(fast + ["--dtype", "float16"]), out=out)
+
+
+@pytest.mark.parametrize("gen_length", [1, 5, 13])
+def test_statistics_never_count_more_than_was_returned(tiny_model, gen_length):
+    """--max-tokens 1 once printed "TPF 4.00" for one token: padding to whole slots was credited.
+    The headline is tokens returned per model call; upstream's credit (at most half of each
+    commit's tokens) never counts padding, so without an EOS it sums to at most half of what was
+    returned; and the --verbose block prints the headline, not upstream's figure."""
+    from refusion_mlx.decode import generate_ids
+    from refusion_mlx.generate import format_stats
+
+    r = generate_ids(tiny_model, [3, 4, 5], gen_length=gen_length, slot_size=8, serial_num_blocks=2,
+                     slot_threshold=0.5, token_threshold=0.5, eos_token_id=[])
+    assert len(r.tokens) == gen_length
+    assert r.tokens_per_call == len(r.tokens) / r.model_calls
+    assert sum(c.tpf for c in r.commits) <= len(r.tokens) / 2
+    stats = format_stats(r)
+    assert f"Tokens per model call: {len(r.tokens) / r.model_calls:.2f} ({gen_length} tokens returned, " \
+           f"{r.model_calls} model calls" in stats
+    assert "TPF" not in stats
