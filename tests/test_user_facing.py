@@ -56,3 +56,22 @@ def test_statistics_never_count_more_than_was_returned(tiny_model, gen_length):
     assert f"Tokens per model call: {len(r.tokens) / r.model_calls:.2f} ({gen_length} tokens returned, " \
            f"{r.model_calls} model calls" in stats
     assert "TPF" not in stats
+
+
+def test_the_readmes_commands_write_outside_the_tree_or_where_git_ignores():
+    """Trying the README's commands leaves no untracked folders in the checkout."""
+    import fnmatch
+    import re
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    written = set(re.findall(r"(?:--mlx-path|--save-path|--adapter-path|--out) ([\w./-]+)", readme))
+    written |= set(re.findall(r"write_checkpoint\('([^']+)'", readme))
+    ignored = [line.strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
+               if line.startswith("/") and line.endswith("/")]
+    assert {"/tmp/tiny-refusion", "/tmp/tiny-adapters", "refusion-4bit", "models/demo"} <= written, written
+    for path in written:
+        if not path.startswith("/"):
+            top = path.split("/")[0]
+            assert any(fnmatch.fnmatch(top, pattern) for pattern in ignored), path
