@@ -68,6 +68,7 @@ def test_the_readmes_commands_write_outside_the_tree_or_where_git_ignores():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     written = set(re.findall(r"(?:--mlx-path|--save-path|--adapter-path|--out) ([\w./-]+)", readme))
     written |= set(re.findall(r"write_checkpoint\('([^']+)'", readme))
+    written = {p for p in written if not p.isupper()}  # placeholders: DIR, FOLDER
     ignored = [line.strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
                if line.startswith("/") and line.endswith("/")]
     assert {"/tmp/tiny-refusion", "/tmp/tiny-adapters", "refusion-4bit", "models/demo"} <= written, written
