@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 from .autoregressive import generate_ar_ids
 from .cache import SlotCache
 from .decode import DecodeSettings, GenerationResult, generate_ids
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError
 from .presets import PRESETS
 
@@ -296,7 +296,7 @@ def run_model(args, out=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m refusion_mlx.benchmark", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=prog("benchmark"), description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="local folder or Hugging Face repo id (default: the demo model)")
     source.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape instead of a model")

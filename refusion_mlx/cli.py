@@ -24,6 +24,27 @@ FLAG_NAMES: Dict[str, str] = {
 }
 
 
+# Console scripts by module (pyproject.toml's [project.scripts]); `refusion` runs __main__.
+SCRIPTS = {"serve_bench": "refusion-serve-bench"}
+
+
+def prog(module: str) -> str:
+    """The invocation a command's --help shows: how the user started it.
+
+    ``python -m refusion_mlx <command>`` and the ``refusion`` script put that in ``sys.argv[0]``
+    (``__main__``), as does the ``python -m convert`` launcher; a console script is its own name
+    (``refusion-convert``); anything else (``python -m refusion_mlx.convert``, a direct call of
+    ``main``) shows the module form, which works from any directory.
+    """
+    started = sys.argv[0] if sys.argv else ""
+    if started.startswith(("python -m ", "refusion ")):
+        return started
+    script = SCRIPTS.get(module, f"refusion-{module}")
+    if os.path.basename(started) == script:
+        return script
+    return f"python -m refusion_mlx.{module}"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad flags as one ``error:`` line, like every other error here."""
 

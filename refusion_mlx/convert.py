@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError
 from .tokenizer_utils import MASK_TOKEN, mask_token_in_files
 from .utils import DTYPES, atomic_folder, remove_stale_temporaries
@@ -55,7 +55,7 @@ TOKENIZER_FILES = (
 
 def build_parser() -> argparse.ArgumentParser:
     """mlx-lm's convert flags, plus shard size, --force and our recipes."""
-    p = ArgumentParser(prog="python -m convert",
+    p = ArgumentParser(prog=prog("convert"),
                 description="Convert a ReFusion checkpoint to MLX, optionally quantized.")
     p.add_argument("--hf-path", "--model", required=True, help="local HF/MLX folder or Hugging Face repo id")
     p.add_argument("--mlx-path", default="mlx_model", help="folder to write")

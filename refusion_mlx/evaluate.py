@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from .cli import ArgumentParser, add_model_flags, run_command
+from .cli import ArgumentParser, add_model_flags, prog, run_command
 from .errors import RefusionError
 from .plot import check_matplotlib, plot
 
@@ -217,7 +217,7 @@ def format_families(scores: Sequence[Score]) -> Optional[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m refusion_mlx.evaluate", description=__doc__,
+    parser = ArgumentParser(prog=prog("evaluate"), description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(parser)
     parser.add_argument("--data", help="folder with test.jsonl (or a .jsonl file); default: the demo "

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from mlx.utils import tree_unflatten
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError
 from .utils import atomic_folder, remove_stale_temporaries
 from .validation import one_line
@@ -24,7 +24,7 @@ from .validation import one_line
 
 def build_parser() -> argparse.ArgumentParser:
     """mlx-lm's fuse flags (no GGUF export, no upload)."""
-    p = ArgumentParser(prog="python -m refusion_mlx.fuse", description="Fuse fine-tuned adapters into the model.")
+    p = ArgumentParser(prog=prog("fuse"), description="Fuse fine-tuned adapters into the model.")
     p.add_argument("--model", required=True, help="base model: local folder or Hugging Face repo id")
     p.add_argument("--adapter-path", default="adapters",
                    help="folder with adapter_config.json + adapters.safetensors")

@@ -16,7 +16,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 
 from .blas import warn_if_slow_blas
-from .cli import (ArgumentParser, add_decode_flags, add_model_flags, add_prompt_flags, read_prompt,
+from .cli import (ArgumentParser, add_decode_flags, add_model_flags, add_prompt_flags, prog, read_prompt,
                   run_command, settings_from_args)
 from .decode import GenerationResult, generate_step, settings_for, start_state, summarize
 from .tokenizer_utils import default_eos, prompt_ids
@@ -123,7 +123,7 @@ def format_stats(result: GenerationResult) -> str:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m refusion_mlx.generate",
+    parser = ArgumentParser(prog=prog("generate"),
                             description="Generate text with ReFusion's plan-and-infill decoder.")
     add_model_flags(parser)
     add_prompt_flags(parser)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Optional, Sequence
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError
 
 DEFAULT_MAX_CONCURRENCY = 8
@@ -627,7 +627,7 @@ def make_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: 
 # --- command line ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m refusion_mlx.server",
+    parser = ArgumentParser(prog=prog("server"),
                             description="Serve ReFusion over an OpenAI-compatible HTTP API.")
     parser.add_argument("--model", help="local folder or Hugging Face repo id; default: the packaged demo model")
     parser.add_argument("--adapter-path", help="folder with fine-tuned adapters")

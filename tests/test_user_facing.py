@@ -2,12 +2,19 @@
 suit the device, the sampling temperature's bound, overwriting an output folder, the statistics
 printed, and the model card a conversion writes."""
 
+import fnmatch
+import importlib
 import io
+import re
+import sys
 
 import mlx.core as mx
 import pytest
+from conftest import ROOT
 
 from refusion_mlx import benchmark
+from refusion_mlx.__main__ import COMMANDS, MODULES
+from refusion_mlx.__main__ import main as dispatch
 
 
 TINY_SHAPE = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
@@ -60,11 +67,6 @@ def test_statistics_never_count_more_than_was_returned(tiny_model, gen_length):
 
 def test_the_readmes_commands_write_outside_the_tree_or_where_git_ignores():
     """Trying the README's commands leaves no untracked folders in the checkout."""
-    import fnmatch
-    import re
-
-    from conftest import ROOT
-
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     written = set(re.findall(r"(?:--mlx-path|--save-path|--adapter-path|--out) ([\w./-]+)", readme))
     written |= set(re.findall(r"write_checkpoint\('([^']+)'", readme))
@@ -76,3 +78,50 @@ def test_the_readmes_commands_write_outside_the_tree_or_where_git_ignores():
         if not path.startswith("/"):
             top = path.split("/")[0]
             assert any(fnmatch.fnmatch(top, pattern) for pattern in ignored), path
+
+
+def console_scripts() -> dict:
+    """pyproject.toml's [project.scripts]: name -> "module:function"."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    return dict(re.findall(r'^([\w-]+) = "([\w.:]+)"', section, re.M))
+
+
+def help_usage(monkeypatch, capsys, argv0: str, call) -> str:
+    """The usage line a --help prints when started as ``argv0``."""
+    monkeypatch.setattr(sys, "argv", [argv0])
+    with pytest.raises(SystemExit) as exit_:
+        call()
+    assert exit_.value.code == 0
+    return capsys.readouterr().out.splitlines()[0]
+
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_help_shows_how_the_command_was_started(monkeypatch, capsys, command):
+    module = MODULES.get(command, command)
+    main = importlib.import_module(f"refusion_mlx.{module}").main
+    assert help_usage(monkeypatch, capsys, "-m", lambda: dispatch([command, "--help"])).startswith(
+        f"usage: python -m refusion_mlx {command} ")
+    assert help_usage(monkeypatch, capsys, "/usr/bin/refusion", lambda: dispatch([command, "--help"])).startswith(
+        f"usage: refusion {command} ")
+    assert help_usage(monkeypatch, capsys, f"/x/refusion_mlx/{module}.py", lambda: main(["--help"])).startswith(
+        f"usage: python -m refusion_mlx.{module} ")
+    script = f"refusion-{command}"
+    assert console_scripts()[script] == f"refusion_mlx.{module}:main"
+    assert help_usage(monkeypatch, capsys, f"/venv/bin/{script}", lambda: main(["--help"])).startswith(
+        f"usage: {script} ")
+
+
+def test_the_dispatcher_lists_every_command_and_takes_both_spellings(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["-m"])
+    assert dispatch(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert all(f"  {c} " in listing for c in COMMANDS)
+    assert set(console_scripts()) == {"refusion"} | {f"refusion-{c}" for c in COMMANDS}
+    for spelling in ("serve-bench", "serve_bench"):
+        assert help_usage(monkeypatch, capsys, "-m", lambda: dispatch([spelling, "--help"])).startswith(
+            "usage: python -m refusion_mlx serve-bench ")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = readme.split("Every command also runs as", 1)[1].split("\n\n", 1)[0]
+    assert all(f"`{c}`" in listed for c in COMMANDS), listed
