@@ -117,7 +117,7 @@ def add_decode_flags(parser: argparse.ArgumentParser):
     parser.add_argument("--blocks", type=int, help="serial blocks the generation is cut into")
     parser.add_argument("--slot-threshold", type=float, help="first-token confidence to pick a slot")
     parser.add_argument("--token-threshold", type=float, help="probability to accept a drafted token")
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature, 0 (greedy) to 2")
     parser.add_argument("--seed", type=int, help="random seed for sampling")
 
 

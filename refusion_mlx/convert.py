@@ -1,6 +1,6 @@
-"""Convert and quantize ReFusion checkpoints into mlx-lm's layout: ``python -m convert``.
+"""Convert and quantize ReFusion checkpoints into mlx-lm's layout: ``python -m refusion_mlx.convert``.
 
-    python -m convert --hf-path GSAI-ML/ReFusion --mlx-path refusion-4bit -q --q-bits 4 --q-group-size 64
+    python -m refusion_mlx.convert --hf-path GSAI-ML/ReFusion --mlx-path refusion-4bit -q --q-bits 4 --q-group-size 64
 
 The weights keep their HF names (the model is plain Qwen3), so the folder written
 here loads with ``refusion_mlx.load`` and, left to right, with ``mlx_lm.load``.
@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten
 from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError
 from .tokenizer_utils import MASK_TOKEN, mask_token_in_files
-from .utils import DTYPES, atomic_folder, remove_stale_temporaries
+from .utils import DTYPES, atomic_folder, check_output_folder, remove_stale_temporaries
 from .validation import one_line
 
 Q_BITS = (2, 3, 4, 5, 6, 8)
@@ -138,12 +138,7 @@ def check_source(path: Path) -> dict:
 
 def check_target(target: Path, force: bool) -> Path:
     """Refuse to overwrite anything but a model folder, and that only with --force."""
-    if target.exists():
-        if not force:
-            raise RefusionError(f"{target} already exists; pass --force to replace it")
-        if not target.is_dir() or (any(target.iterdir()) and not (target / "config.json").exists()):
-            raise RefusionError(f"{target} exists and is not a model folder; not replacing it")
-    return target
+    return check_output_folder(target, force, "--mlx-path")
 
 
 def check_disk_space(target: Path, nbytes: int):

@@ -36,7 +36,8 @@ from .errors import RefusionError
 from .forwards import Forward, forward, previous_rows, request, to_host
 from .sampling import draft_tokens, probability_of
 from .tokenizer_utils import resolve_mask_id
-from .validation import check_eos, check_float, check_int, check_seed, check_token_id, check_token_ids
+from .validation import (check_eos, check_float, check_int, check_seed, check_temperature, check_token_id,
+                         check_token_ids)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class DecodeSettings:
             check_int(name, getattr(self, name), 1)
         for name in ("slot_threshold", "token_threshold"):
             check_float(name, getattr(self, name), 0.0, 1.0)
-        check_float("temperature", self.temperature, minimum=0.0)
+        check_temperature("temperature", self.temperature)
         check_seed("seed", self.seed)
 
 

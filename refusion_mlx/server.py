@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError
+from .validation import MAX_TEMPERATURE
 
 DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_MAX_QUEUE = 256
@@ -381,7 +382,7 @@ class Service:
                  "serial_num_blocks": _integer(body, "blocks", 1),
                  "slot_threshold": _number(body, "slot_threshold", 0.0, 1.0),
                  "token_threshold": _number(body, "token_threshold", 0.0, 1.0),
-                 "temperature": _number(body, "temperature", 0.0, 2.0) or 0.0,
+                 "temperature": _number(body, "temperature", 0.0, MAX_TEMPERATURE) or 0.0,
                  "seed": None if seed is None else seed % 2**32}
         decoder = _choice(body, "decoder", DECODERS) or PLAN_AND_INFILL
         _stops(body)

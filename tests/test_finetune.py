@@ -102,6 +102,21 @@ def test_adapters_equal_fused_model(trained, tiny_path, tmp_path):
     assert mlx_lm.load(str(tmp_path / "fused"))[0] is not None  # plain mlx-lm reads it too
 
 
+def test_fuse_replaces_an_existing_folder_only_with_force(trained, tiny_path, tmp_path, capsys):
+    """convert's rule, the same in fuse: an existing --save-path is replaced only with --force."""
+    adapters, _ = trained
+    argv = ["--model", str(tiny_path), "--adapter-path", str(adapters), "--save-path", str(tmp_path / "fused")]
+    assert fuse_main(argv) == 0
+    (tmp_path / "fused" / "marker").write_text("first run")
+    capsys.readouterr()
+    assert fuse_main(argv) == 2
+    assert capsys.readouterr().err == (f"error: --save-path {tmp_path / 'fused'} already exists; "
+                                       "pass --force to replace it\n")
+    assert (tmp_path / "fused" / "marker").exists()
+    assert fuse_main(argv + ["--force"]) == 0
+    assert not (tmp_path / "fused" / "marker").exists() and (tmp_path / "fused" / "config.json").exists()
+
+
 def test_resume_continues_from_saved_step(capsys, tiny_path, data_dir, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     train(capsys, tiny_path, data_dir, whole, "--iters", "8", "--save-every", "4")

@@ -3,6 +3,7 @@ suit the device, the sampling temperature's bound, overwriting an output folder,
 printed, and the model card a conversion writes."""
 
 import fnmatch
+import os
 import importlib
 import io
 import re
@@ -125,3 +126,47 @@ def test_the_dispatcher_lists_every_command_and_takes_both_spellings(monkeypatch
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     listed = readme.split("Every command also runs as", 1)[1].split("\n\n", 1)[0]
     assert all(f"`{c}`" in listed for c in COMMANDS), listed
+
+
+def test_one_temperature_bound_for_the_api_the_command_lines_and_the_server(tiny_path, capsys):
+    """[0, MAX_TEMPERATURE] everywhere: the CLI once took --temp 3 while the server refused 2.5."""
+    import http.client
+    import json
+    import subprocess
+
+    from conftest import with_root_on_path
+
+    from refusion_mlx import RefusionError, generate_ar_ids, generate_ids, load_model
+    from refusion_mlx.generate import main as generate_main
+    from refusion_mlx.validation import MAX_TEMPERATURE
+
+    over = MAX_TEMPERATURE + 0.5
+    model = load_model(tiny_path)
+    for decode in (generate_ids, lambda m, ids, **k: generate_ar_ids(m, ids, max_tokens=4, **k)):
+        with pytest.raises(RefusionError, match=r"temperature must be in \[0, 2\]"):
+            decode(model, [3, 4, 5], temperature=over)
+        decode(model, [3, 4, 5], temperature=MAX_TEMPERATURE, seed=0)
+    fast = ["--model", str(tiny_path), "--prompt", "the dog", "--max-tokens", "4", "--slot-size", "4", "--blocks", "1"]
+    assert generate_main([*fast, "--temp", str(over)]) == 2
+    assert capsys.readouterr().err == f"error: --temp must be in [0, 2], got {over}\n"
+    assert generate_main([*fast, "--temp", str(MAX_TEMPERATURE), "--seed", "1"]) == 0
+
+    env = {**os.environ, "PYTHONPATH": with_root_on_path()}
+    server = subprocess.Popen([sys.executable, "-m", "refusion_mlx.server", "--port", "0", "--model", str(tiny_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        host, port = server.stdout.readline().split()[3].split("//")[1].split("/")[0].split(":")
+        for temperature, status in ((over, 400), (MAX_TEMPERATURE, 200)):
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            conn.request("POST", "/v1/completions", json.dumps(
+                {"prompt": "the dog", "max_tokens": 4, "temperature": temperature, "seed": 1}),
+                {"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            body = json.loads(reply.read())
+            conn.close()
+            assert reply.status == status, body
+            if status == 400:
+                assert body["error"]["param"] == "temperature" and "[0.0, 2.0]" in body["error"]["message"], body
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
