@@ -49,7 +49,7 @@ SHAPES: Dict[str, dict] = {
 SHAPE_SETTINGS = [dict(slot_size=32, serial_num_blocks=2, slot_threshold=0.9, token_threshold=0.3),
                   dict(slot_size=8, serial_num_blocks=8, slot_threshold=0.9, token_threshold=0.3)]
 FORWARD_SIZES = (1, 8, 32, 128)
-DEMO_PROMPT = "What is 682 + 459? Work column by column."
+DEMO_PROMPT = "What is 682 + 459? Work column by column."  # = demo.tasks.EXAMPLE_QUERIES[0] (tested)
 RANDOM_WEIGHTS_NOTE = (
     "Random weights: a random model is never confident, so plan-and-infill runs at its worst case\n"
     "(about 2 model calls per token). These numbers show what one call costs, not how many calls\n"

@@ -170,3 +170,28 @@ def test_one_temperature_bound_for_the_api_the_command_lines_and_the_server(tiny
     finally:
         server.terminate()
         server.communicate(timeout=30)
+
+
+def test_the_card_convert_writes_describes_the_model_it_was_converted_from(tiny_path, tmp_path):
+    """Not "a Qwen3-8B backbone" and a haiku for every model: its own size from its config, and for
+    the demo (and a conversion of a conversion of it) prompts of its own tasks, in range."""
+    from refusion_mlx.convert import convert
+    from refusion_mlx.demo import tasks
+    from refusion_mlx.loading import DEMO_MODEL_PATH
+
+    demo = convert(str(DEMO_MODEL_PATH), str(tmp_path / "demo"))
+    again = convert(str(demo), str(tmp_path / "demo4"), quantize=True)
+    for folder, fmt in ((demo, "float16"), (again, "4-bit affine quantization")):
+        card = (folder / "README.md").read_text()
+        assert "demo model" in card and "4.8M parameters, 6 layers, hidden size 256, vocabulary 1024" in card, card
+        assert fmt in card and "8B" not in card and "haiku" not in card
+        prompts = re.findall(r'generate\(model, tokenizer, "([^"]+)"\)', card)
+        assert prompts and all(tasks.solve(p) for p in prompts), prompts  # solve raises if out of range
+    card = (convert(str(tiny_path), str(tmp_path / "tiny")) / "README.md").read_text()
+    assert "2 layers, hidden size 64, vocabulary 320" in card and "demo" not in card and "8B" not in card
+
+
+def test_the_benchmarks_demo_prompt_is_the_demos_example():
+    from refusion_mlx.demo import tasks
+
+    assert benchmark.DEMO_PROMPT == tasks.EXAMPLE_QUERIES[0]

@@ -29,6 +29,9 @@ DEFAULT_SIZES = {"train": 20000, "valid": 500, "test": 500}
 ORDER = ("test", "valid", "train")  # generation order: test is fixed by (seed, test size) alone
 ANSWER = "Answer:"
 MAX_RETRIES = 1000  # duplicate queries in a row before a family counts as exhausted
+# Prompts to show the demo with (the benchmark's default, a converted demo's card): in range.
+EXAMPLE_QUERIES = ("What is 682 + 459? Work column by column.",
+                   "Sort these numbers from smallest to largest: 512, 47, 903, 268, 131, 775, 390")
 
 # The ranges the families draw from (inclusive): the demo model knows these and nothing beyond.
 OPERAND_DIGITS = (2, 6)  # addition and subtraction operands
