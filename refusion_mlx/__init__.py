@@ -13,7 +13,8 @@ with quiet_interrupt(started_as_command()):
 
     from .autoregressive import generate_ar_ids
     from .batch import batch_generate, batch_generate_ids
-    from .decode import DecodeSettings, GenerationResult, generate_ids
+    from .decode import DecodeSettings, generate_ids
+    from .transcript import GenerationResult
     from .errors import RefusionError
     from .kv import make_prompt_cache
     from .loading import load, load_model

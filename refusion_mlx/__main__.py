@@ -1,6 +1,7 @@
 """``python -m refusion_mlx <command> [flags]``: every command line under one name, as mlx-lm's."""
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -13,14 +14,24 @@ COMMANDS = {
     "fuse": "fuse adapters into the model",
     "convert": "convert and quantize a checkpoint",
     "server": "an OpenAI-compatible HTTP server (streaming, continuous batching)",
-    "serve_bench": "load benchmark of the server, plan-and-infill against left-to-right",
+    "serve-bench": "load benchmark of the server, plan-and-infill against left-to-right",
 }
+# Module names, where a command's differs (``serve_bench``, also accepted as the command).
+MODULES = {"serve-bench": "serve_bench"}
+ALIASES = {module: command for command, module in MODULES.items()}
 
 
 def usage() -> str:
-    lines = ["usage: python -m refusion_mlx <command> [flags]   (<command> --help for its flags)", ""]
-    lines += [f"  {name:<10} {what}" for name, what in COMMANDS.items()]
+    lines = [f"usage: {invocation()} <command> [flags]   (<command> --help for its flags)", ""]
+    lines += [f"  {name:<12} {what}" for name, what in COMMANDS.items()]
+    lines += ["", "Each is also a module (python -m refusion_mlx.<command>, serve-bench as serve_bench) and "
+              "a console script (refusion-<command>)."]
     return "\n".join(lines)
+
+
+def invocation() -> str:
+    """``refusion`` when started as the console script, else ``python -m refusion_mlx``."""
+    return "refusion" if sys.argv and os.path.basename(sys.argv[0]) == "refusion" else "python -m refusion_mlx"
 
 
 def main(argv=None) -> int:
@@ -34,11 +45,12 @@ def main(argv=None) -> int:
         print(__version__)
         return 0
     command = argv.pop(0)
+    command = ALIASES.get(command, command)
     if command not in COMMANDS:
         print(f"error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"refusion_mlx.{command}")
-    sys.argv[0] = f"python -m refusion_mlx {command}"
+    module = importlib.import_module(f"refusion_mlx.{MODULES.get(command, command)}")
+    sys.argv[0] = f"{invocation()} {command}"  # what the command's --help shows (cli.prog)
     return module.main(argv)
 
 

@@ -19,7 +19,7 @@ from .kv import PromptCache
 from .transcript import Commit, GenerationResult, Transcript
 from .errors import RefusionError
 from .sampling import draft_tokens
-from .validation import check_eos, check_float, check_int, check_seed, check_token_ids
+from .validation import check_eos, check_int, check_seed, check_temperature, check_token_ids
 
 
 def start_ar_state(model, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
@@ -31,7 +31,7 @@ def start_ar_state(model, prompt_ids: Sequence[int], max_tokens: int, temperatur
     if not prompt_ids:
         raise RefusionError("the prompt is empty")
     max_tokens = check_int("max_tokens", max_tokens, 1)
-    temperature, seed = check_float("temperature", temperature, minimum=0.0), check_seed("seed", seed)
+    temperature, seed = check_temperature("temperature", temperature), check_seed("seed", seed)
     eos_token_id = check_eos("eos_token_id", eos_token_id)
     total = len(prompt_ids) + max_tokens
     if total > model.args.max_position_embeddings:

@@ -10,7 +10,7 @@ per-call cost can be measured without downloading it.
 Printed, each after an untimed warm-up on a shorter prompt: the plain forward's time
 by token count; for plan-and-infill the time per model call and its ratio to plain
 forwards of the same fed tokens after the same context (the decoder's own overhead),
-tokens/s, TPF, calls per token and peak memory; left-to-right decoding by this
+tokens/s, tokens per model call (and upstream's TPF, for comparison with the paper) and peak memory; left-to-right decoding by this
 package and by mlx-lm's ``generate_step`` on the very same arrays; and the speed-up
 against the faster of the two left-to-right loops.
 """
@@ -29,8 +29,9 @@ from mlx.utils import tree_flatten
 
 from .autoregressive import generate_ar_ids
 from .kv import SlotCache
-from .decode import GenerationResult, generate_ids
-from .cli import ArgumentParser, run_command
+from .decode import DecodeSettings, generate_ids
+from .transcript import GenerationResult
+from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError
 from .presets import PRESETS
 
@@ -49,7 +50,7 @@ SHAPES: Dict[str, dict] = {
 SHAPE_SETTINGS = [dict(slot_size=32, serial_num_blocks=2, slot_threshold=0.9, token_threshold=0.3),
                   dict(slot_size=8, serial_num_blocks=8, slot_threshold=0.9, token_threshold=0.3)]
 FORWARD_SIZES = (1, 8, 32, 128)
-DEMO_PROMPT = "What is 682 + 459? Work column by column."
+DEMO_PROMPT = "What is 682 + 459? Work column by column."  # = demo.tasks.EXAMPLE_QUERIES[0] (tested)
 RANDOM_WEIGHTS_NOTE = (
     "Random weights: a random model is never confident, so plan-and-infill runs at its worst case\n"
     "(about 2 model calls per token). These numbers show what one call costs, not how many calls\n"
@@ -197,10 +198,11 @@ def plan_and_infill_rows(model, ids: Sequence[int], settings: List[dict], eos: L
                          ) -> List[GenerationResult]:
     """Time plan-and-infill at each setting, and compare every call with a plain forward."""
     recorder = RecordingModel(model)
-    plain = PlainForward(model, len(ids) + max(k["gen_length"] for k in settings))
+    # Room for the padded generation: a --max-tokens short of whole slots in every block is padded.
+    plain = PlainForward(model, len(ids) + max(DecodeSettings(**k).padded_length for k in settings))
     print(f"\nplan-and-infill, prompt {len(ids)} tokens:", file=out)
     print(f"{'setting':<28}{'tokens':>7}{'calls':>7}{'ms/call':>9}{'plain ms':>10}{'ratio':>7}"
-          f"{'tok/s':>9}{'TPF':>7}{'peak GB':>9}", file=out)
+          f"{'tok/s':>9}{'tok/call':>9}{'paper TPF':>10}{'peak GB':>9}", file=out)
     results = []
     for knobs in settings:
         shortest = dict(knobs, gen_length=knobs["slot_size"] * knobs["serial_num_blocks"])
@@ -214,10 +216,12 @@ def plan_and_infill_rows(model, ids: Sequence[int], settings: List[dict], eos: L
             calls = max(r.model_calls, 1)
             print(f"{describe(knobs) + ' ' + run:<28}{len(r.tokens):>7}{r.model_calls:>7}"
                   f"{1000 * r.wall_time / calls:>9.2f}{1000 * plain_s / calls:>10.2f}{r.wall_time / plain_s:>6.2f}x"
-                  f"{r.tokens_per_second:>9.1f}{r.tpf:>7.2f}{r.peak_memory:>9.3f}", file=out)
+                  f"{r.tokens_per_second:>9.1f}{r.tokens_per_call:>9.2f}{r.tpf:>10.2f}{r.peak_memory:>9.3f}", file=out)
         results.append(r)
     print("ratio: a call's time over plain forwards of the same fed tokens after the same contexts;\n"
-          "first: the request's lengths never seen before; again: the same request repeated", file=out)
+          "first: the request's lengths never seen before; again: the same request repeated;\n"
+          "tok/call: tokens returned per model call, every call counted; paper TPF: upstream's\n"
+          "tokens-per-forward credit, only for comparison with the paper", file=out)
     return results
 
 
@@ -233,15 +237,29 @@ def weights_gb(model) -> float:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e9
 
 
+def shape_dtype(requested: Optional[str], device=None) -> Tuple[str, str]:
+    """The dtype of ``--shape``'s random weights and why: ``requested``, else the one ``device``
+    (default: MLX's default device) runs well: float32 on the CPU, whose bfloat16 products are
+    slow (a 256-token forward of the small shape took 45.6 s in bfloat16 on a 2-core Linux CPU),
+    bfloat16 on a GPU (the real model's dtype)."""
+    if requested:
+        return requested, "--dtype"
+    device = mx.default_device() if device is None else device
+    if device == mx.cpu:
+        return "float32", "the CPU's default; --dtype to change"
+    return "bfloat16", "the GPU's default; --dtype to change"
+
+
 def run_shape(args, out=None):
     """The random-weights benchmark at a named shape."""
     out = out or sys.stdout  # looked up now: a default bound at import would keep a replaced stream
-    model = random_model(args.shape, args.dtype or "bfloat16", args.quantize, args.q_group_size)
+    dtype, why = shape_dtype(args.dtype)
+    model = random_model(args.shape, dtype, args.quantize, args.q_group_size)
     gen = args.max_tokens or 256
     ids = mx.random.randint(0, model.args.vocab_size - 2, (args.prompt_tokens,)).tolist()
     quant = f", {args.quantize}-bit (group {args.q_group_size})" if args.quantize else ""
     print(f"shape {args.shape}: {model.args.num_hidden_layers} layers, hidden {model.args.hidden_size}, "
-          f"vocabulary {model.args.vocab_size}; {args.dtype or 'bfloat16'}{quant}; weights {weights_gb(model):.2f} GB; "
+          f"vocabulary {model.args.vocab_size}; {dtype} ({why}){quant}; weights {weights_gb(model):.2f} GB; "
           f"device {mx.default_device()}; mlx {mx.__version__}", file=out)
     print(RANDOM_WEIGHTS_NOTE, file=out)
     forward_table(model, [len(ids), len(ids) + gen], FORWARD_SIZES + (256,), out)
@@ -279,13 +297,14 @@ def run_model(args, out=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m refusion_mlx.benchmark", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=prog("benchmark"), description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="local folder or Hugging Face repo id (default: the demo model)")
     source.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape instead of a model")
     parser.add_argument("--adapter-path", help="folder with fine-tuned adapters (with --model)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                        help="weights' dtype (default: the checkpoint's; bfloat16 for --shape)")
+                        help="weights' dtype (default: the checkpoint's; for --shape, float32 on the CPU, "
+                             "bfloat16 on a GPU)")
     parser.add_argument("--quantize", type=int, choices=[2, 3, 4, 5, 6, 8], help="quantize --shape weights")
     parser.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
     parser.add_argument("--prompt-tokens", type=int, default=200, help="prompt length for --shape")

@@ -25,6 +25,27 @@ FLAG_NAMES: Dict[str, str] = {
 }
 
 
+# Console scripts by module (pyproject.toml's [project.scripts]); `refusion` runs __main__.
+SCRIPTS = {"serve_bench": "refusion-serve-bench"}
+
+
+def prog(module: str) -> str:
+    """The invocation a command's --help shows: how the user started it.
+
+    ``python -m refusion_mlx <command>`` and the ``refusion`` script put that in ``sys.argv[0]``
+    (``__main__``), as does the ``python -m convert`` launcher; a console script is its own name
+    (``refusion-convert``); anything else (``python -m refusion_mlx.convert``, a direct call of
+    ``main``) shows the module form, which works from any directory.
+    """
+    started = sys.argv[0] if sys.argv else ""
+    if started.startswith(("python -m ", "refusion ")):
+        return started
+    script = SCRIPTS.get(module, f"refusion-{module}")
+    if os.path.basename(started) == script:
+        return script
+    return f"python -m refusion_mlx.{module}"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad flags as one ``error:`` line, like every other error here."""
 
@@ -97,7 +118,7 @@ def add_decode_flags(parser: argparse.ArgumentParser):
     parser.add_argument("--blocks", type=int, help="serial blocks the generation is cut into")
     parser.add_argument("--slot-threshold", type=float, help="first-token confidence to pick a slot")
     parser.add_argument("--token-threshold", type=float, help="probability to accept a drafted token")
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature, 0 (greedy) to 2")
     parser.add_argument("--seed", type=int, help="random seed for sampling")
 
 

@@ -1,6 +1,6 @@
-"""Convert and quantize ReFusion checkpoints into mlx-lm's layout: ``python -m convert``.
+"""Convert and quantize ReFusion checkpoints into mlx-lm's layout: ``python -m refusion_mlx.convert``.
 
-    python -m convert --hf-path GSAI-ML/ReFusion --mlx-path refusion-4bit -q --q-bits 4 --q-group-size 64
+    python -m refusion_mlx.convert --hf-path GSAI-ML/ReFusion --mlx-path refusion-4bit -q --q-bits 4 --q-group-size 64
 
 The weights keep their HF names (the model is plain Qwen3), so the folder written
 here loads with ``refusion_mlx.load`` and, left to right, with ``mlx_lm.load``.
@@ -29,10 +29,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError
 from .tokenizer_utils import MASK_TOKEN, mask_token_in_files
-from .utils import DTYPES, atomic_folder, remove_stale_temporaries
+from .utils import DTYPES, atomic_folder, check_output_folder, remove_stale_temporaries
 from .validation import one_line
 
 Q_BITS = (2, 3, 4, 5, 6, 8)
@@ -55,7 +55,7 @@ TOKENIZER_FILES = (
 
 def build_parser() -> argparse.ArgumentParser:
     """mlx-lm's convert flags, plus shard size, --force and our recipes."""
-    p = ArgumentParser(prog="python -m convert",
+    p = ArgumentParser(prog=prog("convert"),
                 description="Convert a ReFusion checkpoint to MLX, optionally quantized.")
     p.add_argument("--hf-path", "--model", required=True, help="local HF/MLX folder or Hugging Face repo id")
     p.add_argument("--mlx-path", default="mlx_model", help="folder to write")
@@ -138,12 +138,7 @@ def check_source(path: Path) -> dict:
 
 def check_target(target: Path, force: bool) -> Path:
     """Refuse to overwrite anything but a model folder, and that only with --force."""
-    if target.exists():
-        if not force:
-            raise RefusionError(f"{target} already exists; pass --force to replace it")
-        if not target.is_dir() or (any(target.iterdir()) and not (target / "config.json").exists()):
-            raise RefusionError(f"{target} exists and is not a model folder; not replacing it")
-    return target
+    return check_output_folder(target, force, "--mlx-path")
 
 
 def check_disk_space(target: Path, nbytes: int):
@@ -319,19 +314,46 @@ def describe(config: dict, recipe: Optional[str]) -> str:
     return config.get("torch_dtype") or config.get("dtype") or "float weights"
 
 
-def write_model_card(folder: Path, name: str, base_model: Optional[str], weights_format: str):
-    """A short README.md with hub metadata and how to load the folder."""
+DEMO_LINEAGE = "refusion_mlx demo model"  # in the demo's data card, and in the card of any conversion of it
+
+
+def is_demo_lineage(source: Path) -> bool:
+    """The packaged demo model, or a conversion of it (its card says so): its card shows demo prompts."""
+    card = source / "README.md"
+    return card.is_file() and DEMO_LINEAGE in card.read_text(encoding="utf-8", errors="replace")[:2000]
+
+
+def architecture(config: dict, total_parameters: int) -> str:
+    """The model in one phrase, from its own config: size, layers, width, vocabulary."""
+    size = f"{total_parameters / 1e9:.2f}B" if total_parameters >= 1e9 else f"{total_parameters / 1e6:.1f}M"
+    return (f"{size} parameters, {config.get('num_hidden_layers')} layers, hidden size {config.get('hidden_size')}, "
+            f"vocabulary {config.get('vocab_size')}")
+
+
+def write_model_card(folder: Path, name: str, base_model: Optional[str], weights_format: str,
+                     config: dict, total_parameters: int, demo: bool = False):
+    """A short README.md with hub metadata, what the model is (from its config) and how to load it;
+    for the demo model (``demo``), prompts of its own tasks and where its data card is."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(library_name="mlx", pipeline_tag="text-generation", base_model=base_model,
                          tags=["mlx", "refusion", "masked-diffusion", "qwen3"])
     source = f" from {base_model}" if base_model else ""
+    what = (f"The {DEMO_LINEAGE} (a toy trained on seven synthetic task families only; its data card is "
+            "`refusion_mlx/demo/model/README.md` in the refusion_mlx package)" if demo
+            else "A ReFusion model (plan-and-infill masked diffusion LM)")
+    if demo:
+        from .demo.tasks import EXAMPLE_QUERIES
+
+        prompts = EXAMPLE_QUERIES
+    else:
+        prompts = ("Write a haiku about autumn.",)
+    calls = "".join(f"print(generate(model, tokenizer, {json.dumps(p)}))\n" for p in prompts)
     text = (
-        f"# {name}\n\nReFusion (plan-and-infill masked diffusion LM on a Qwen3-8B backbone) converted{source} "
-        f"to MLX with refusion_mlx: {weights_format}.\n\n"
+        f"# {name}\n\n{what}, Qwen3 architecture ({architecture(config, total_parameters)}), "
+        f"converted{source} to MLX with refusion_mlx: {weights_format}.\n\n"
         "```python\nfrom refusion_mlx import load, generate\n\n"
-        f'model, tokenizer = load("{name}")\n'
-        'print(generate(model, tokenizer, "Write a haiku about autumn.", gen_length=64))\n```\n\n'
+        f'model, tokenizer = load("{name}")\n{calls}```\n\n'
         "The weights are plain Qwen3, so `mlx_lm.load` reads them too (left-to-right decoding only).\n"
     )
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").save(folder / "README.md")
@@ -392,7 +414,8 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", *, quantize: bool = False
         write_weights(folder, weights, max_bytes, total_parameters)
         save_config(config, config_path=folder / "config.json")
         copy_tokenizer(source, folder)
-        write_model_card(folder, upload_repo or target.name, base_model, describe(config, quant_recipe))
+        write_model_card(folder, upload_repo or target.name, base_model, describe(config, quant_recipe), config,
+                         total_parameters, demo=is_demo_lineage(source))
 
     write_atomically(target, write, replace=existed)
     if upload_repo is not None:

@@ -39,7 +39,8 @@ from .forwards import Forward, forward, previous_rows, request, to_host
 from .sampling import draft_tokens, probability_of
 from .tokenizer_utils import resolve_mask_id
 from .transcript import Commit, GenerationResult, Transcript
-from .validation import check_eos, check_float, check_int, check_seed, check_token_id, check_token_ids
+from .validation import (check_eos, check_float, check_int, check_seed, check_temperature, check_token_id,
+                         check_token_ids)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class DecodeSettings:
             check_int(name, getattr(self, name), 1)
         for name in ("slot_threshold", "token_threshold"):
             check_float(name, getattr(self, name), 0.0, 1.0)
-        check_float("temperature", self.temperature, minimum=0.0)
+        check_temperature("temperature", self.temperature)
         check_seed("seed", self.seed)
 
 
@@ -293,12 +294,25 @@ def infill(state: DecodeState, drafts: np.ndarray, positions: np.ndarray, tags: 
     return InfillResult(tokens, rounds, eos_row, layout_rows)
 
 
-def generation_tpf(slot_size: int, slots: int, rounds: Optional[int] = None) -> float:
-    """Upstream's TPF credit: S*slots/2 for a verified commit, S*k/(2*(rounds+1)) for an infill."""
+def generation_tpf(slot_size: int, slots: int, rounds: Optional[int] = None, padding: int = 0) -> float:
+    """Upstream's TPF credit: S*slots/2 for a verified commit, S*k/(2*(rounds+1)) for an infill.
+
+    ``padding``: tokens of those slots past the length asked for, which are never returned and
+    not credited (upstream has none: its length is whole slots in every block; ours is padded to
+    that internally), so the credit never counts padding. Everything else is upstream's, tokens
+    after an EOS in a credited slot included: the figure is for comparison with the paper.
+    """
     if rounds is None:
-        return slot_size * slots / 2
+        return (slot_size * slots - padding) / 2
     # Upstream derives the divisor from its loop variable, which stops at slot_size - 1.
-    return slot_size * slots / (2 * min(rounds + 1, slot_size))
+    return (slot_size * slots - padding) / (2 * min(rounds + 1, slot_size))
+
+
+def padding_in(state: DecodeState, positions: np.ndarray) -> int:
+    """How many of these absolute positions lie past the generation length asked for."""
+    if state.gen_length is None:
+        return 0
+    return int((positions >= state.prompt_length + state.gen_length).sum())
 
 
 def verified_slots(drafts: np.ndarray, accepted: np.ndarray, eos_ids, slot_size: int):
@@ -327,14 +341,15 @@ def iterate(state: DecodeState, pending: List[int], settings: DecodeSettings):
     if verified is not None:
         n, eos_slot = verified
         return settle(state, pending, starts[:n], drafts[:n], positions[:n], eos_slot, "verify",
-                      generation_tpf(S, n))
+                      generation_tpf(S, n, padding=padding_in(state, positions[:n])))
 
     # Nothing committed: the verify pass's entries are simply rewritten by the infill rows.
     tags = np.cumprod(accepted, axis=1).astype(np.int32)
     result = yield from infill(state, drafts, positions, tags, settings)
     n = result.tokens.shape[0]
     return settle(state, pending, starts[:n], result.tokens, positions[:n], result.eos_row, "infill",
-                  generation_tpf(S, len(chosen), result.rounds), result.layout_rows)
+                  generation_tpf(S, len(chosen), result.rounds, padding_in(state, positions)),
+                  result.layout_rows)
 
 
 def settle(state: DecodeState, pending: List[int], starts: List[int], tokens: np.ndarray,

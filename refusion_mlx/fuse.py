@@ -16,20 +16,21 @@ from typing import Optional, Sequence
 
 from mlx.utils import tree_unflatten
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError
-from .utils import atomic_folder, remove_stale_temporaries
+from .utils import atomic_folder, check_output_folder, remove_stale_temporaries
 from .validation import one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
     """mlx-lm's fuse flags (no GGUF export, no upload)."""
-    p = ArgumentParser(prog="python -m refusion_mlx.fuse", description="Fuse fine-tuned adapters into the model.")
+    p = ArgumentParser(prog=prog("fuse"), description="Fuse fine-tuned adapters into the model.")
     p.add_argument("--model", required=True, help="base model: local folder or Hugging Face repo id")
     p.add_argument("--adapter-path", default="adapters",
                    help="folder with adapter_config.json + adapters.safetensors")
     p.add_argument("--save-path", default="fused_model", help="where the fused model is written")
     p.add_argument("--dequantize", action="store_true", help="save a dequantized (full precision) model")
+    p.add_argument("--force", action="store_true", help="replace --save-path if it already holds a model")
     return p
 
 
@@ -64,17 +65,17 @@ def write_model(folder: Path, model, tokenizer, config: dict, source: Path):
         shutil.copy(source / "generation_config.json", folder)
 
 
-def check_save_path(target: Path, model_path: Path):
-    """Refuse to overwrite the base model or a folder that is not a model."""
-    if target.exists():
-        if target.resolve() == model_path.resolve():
-            raise RefusionError("--save-path is the base model folder; choose another")
-        if not target.is_dir() or (any(target.iterdir()) and not (target / "config.json").exists()):
-            raise RefusionError(f"--save-path {target} exists and is not a model folder; not overwriting")
+def check_save_path(target: Path, model_path: Path, force: bool):
+    """Never the base model; otherwise convert's rule (``check_output_folder``): an existing
+    folder is replaced only with --force, and only if it holds a model."""
+    if target.exists() and target.resolve() == model_path.resolve():
+        raise RefusionError("--save-path is the base model folder; choose another")
+    check_output_folder(target, force, "--save-path")
 
 
-def fuse(model_path: str, adapter_path: str, save_path: str, dequantize: bool = False) -> Path:
-    """Load base + adapters, fuse, and write the model to ``save_path`` atomically."""
+def fuse(model_path: str, adapter_path: str, save_path: str, dequantize: bool = False, force: bool = False) -> Path:
+    """Load base + adapters, fuse, and write the model to ``save_path`` atomically (an existing
+    model folder there is replaced only with ``force``)."""
     from mlx_lm.utils import dequantize_model
 
     from .loading import load, resolve_path
@@ -82,7 +83,7 @@ def fuse(model_path: str, adapter_path: str, save_path: str, dequantize: bool = 
     source = resolve_path(model_path)
     target = Path(save_path).expanduser()
     remove_stale_temporaries(target)
-    check_save_path(target, source)
+    check_save_path(target, source, force)
     existed = target.exists()
     model, tokenizer = load(source, adapter_path=adapter_path, for_cpu=False)  # saved as stored
     fuse_layers(model, dequantize)
@@ -98,7 +99,7 @@ def fuse(model_path: str, adapter_path: str, save_path: str, dequantize: bool = 
 
 
 def run(args) -> int:
-    print(f"Fused model saved to {fuse(args.model, args.adapter_path, args.save_path, args.dequantize)}")
+    print(f"Fused model saved to {fuse(args.model, args.adapter_path, args.save_path, args.dequantize, args.force)}")
     return 0
 
 

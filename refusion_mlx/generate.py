@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from .blas import warn_if_slow_blas
 from .cli import (ArgumentParser, add_cache_flags, add_decode_flags, add_model_flags, add_prompt_flags,
-                  check_cache_flags, decode_knobs, read_prompt, run_command, settings_from_args)
+                  check_cache_flags, decode_knobs, prog, read_prompt, run_command, settings_from_args)
 from .decode import bounded_cache, finish, generate_step, settings_for, start_state
 from .transcript import GenerationResult, Transcript
 from .tokenizer_utils import default_eos, prompt_ids
@@ -85,7 +85,7 @@ def generate(model, tokenizer, prompt: Union[str, Sequence[int], List[dict]], ve
     Args:
         model, tokenizer: from ``load``.
         prompt: text (one user turn), a list of chat messages, or token ids.
-        verbose: print the text and the statistics (TPF, model calls, tokens/s, memory).
+        verbose: print the text and the statistics (tokens per model call, tokens/s, memory).
         **kwargs: ``stream_generate``'s (prompt formatting and ``generate_ids``'s knobs).
 
     Returns:
@@ -107,22 +107,21 @@ def format_stats(result: GenerationResult) -> str:
         "==========",
         f"Generated: {len(result.tokens)} tokens in {result.wall_time:.3f} s, "
         f"{result.tokens_per_second:.2f} tokens/s",
-        f"TPF (upstream's definition): {result.tpf:.2f}",
-        f"Model calls: {result.model_calls} ({result.tokens_per_call:.2f} tokens per call, "
-        f"{iterations}, {result.tokens_fed} tokens fed)",
-        f"Prompt cache: {result.cached_tokens} tokens reused",
+        f"Tokens per model call: {result.tokens_per_call:.2f} ({len(result.tokens)} tokens returned, "
+        f"{result.model_calls} model calls, every one counted; {iterations}, {result.tokens_fed} tokens fed)",
+        f"Prompt cache: {result.cached_tokens} prompt tokens reused",
         f"Peak memory: {result.peak_memory:.3f} GB",
     ])
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m refusion_mlx.generate",
+    parser = ArgumentParser(prog=prog("generate"),
                             description="Generate text with ReFusion's plan-and-infill decoder.")
     add_model_flags(parser)
     add_prompt_flags(parser)
     add_decode_flags(parser)
     add_cache_flags(parser)
-    parser.add_argument("--verbose", action="store_true", help="print TPF, model calls, tokens/s, memory")
+    parser.add_argument("--verbose", action="store_true", help="print tokens per model call, tokens/s, memory")
     return parser
 
 

@@ -17,7 +17,7 @@ import types
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError
 from .tuner.utils import LORA_DEFAULTS, OPTIMIZERS
 from .validation import check_bool, check_float, check_int, check_path, check_seed, one_line
@@ -34,7 +34,7 @@ CONFIG_DEFAULTS = {
 
 def build_parser() -> argparse.ArgumentParser:
     """mlx-lm's flags, plus --lora-rank/--lora-alpha/--lora-dropout/--lora-keys."""
-    p = ArgumentParser(prog="python -m refusion_mlx.lora",
+    p = ArgumentParser(prog=prog("lora"),
                 description="Fine-tune ReFusion with its hybrid AR + masked-diffusion objective.")
     p.add_argument("--model", help="local model folder or Hugging Face repo id")
     p.add_argument("--train", action="store_true", default=None, help="train")

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError
 
 DECODERS = ("plan-and-infill", "left-to-right")
@@ -254,7 +254,7 @@ def format_table(rows: List[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m refusion_mlx.serve_bench", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=prog("serve_bench"), description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="served model (default: the packaged demo model)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16], help="client counts")
     parser.add_argument("--requests", type=int, default=192,

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Optional, Sequence
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError
+from .validation import MAX_TEMPERATURE
 
 DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_MAX_QUEUE = 256
@@ -381,7 +382,7 @@ class Service:
                  "serial_num_blocks": _integer(body, "blocks", 1),
                  "slot_threshold": _number(body, "slot_threshold", 0.0, 1.0),
                  "token_threshold": _number(body, "token_threshold", 0.0, 1.0),
-                 "temperature": _number(body, "temperature", 0.0, 2.0) or 0.0,
+                 "temperature": _number(body, "temperature", 0.0, MAX_TEMPERATURE) or 0.0,
                  "seed": None if seed is None else seed % 2**32}
         decoder = _choice(body, "decoder", DECODERS) or PLAN_AND_INFILL
         _stops(body)
@@ -627,7 +628,7 @@ def make_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: 
 # --- command line ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m refusion_mlx.server",
+    parser = ArgumentParser(prog=prog("server"),
                             description="Serve ReFusion over an OpenAI-compatible HTTP API.")
     parser.add_argument("--model", help="local folder or Hugging Face repo id; default: the packaged demo model")
     parser.add_argument("--adapter-path", help="folder with fine-tuned adapters")

@@ -31,7 +31,7 @@ class GenerationResult:
     """Generated ids in position order (ending with the first EOS, if any) and what they cost."""
 
     tokens: List[int]
-    tpf: float  # upstream's TPF, for comparison with the paper
+    tpf: float  # upstream's TPF (mean credit per iteration, padding not credited), for comparison with the paper
     model_calls: int
     tokens_fed: int
     wall_time: float  # seconds

@@ -36,6 +36,22 @@ def atomic_write_json(path: Path, obj):
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=4)))
 
 
+def is_model_folder(path: Path) -> bool:
+    """A folder that is empty or holds a config.json: one a model may be written over."""
+    return path.is_dir() and (not any(path.iterdir()) or (path / "config.json").exists())
+
+
+def check_output_folder(target: Path, force: bool, flag: str) -> Path:
+    """The one rule for a command's output folder (convert's --mlx-path, fuse's --save-path): a new
+    one is created; an existing one is replaced only with --force, and only if it holds a model."""
+    if target.exists():
+        if not force:
+            raise RefusionError(f"{flag} {target} already exists; pass --force to replace it")
+        if not is_model_folder(target):
+            raise RefusionError(f"{flag} {target} exists and is not a model folder; not replacing it")
+    return target
+
+
 def atomic_folder(target: Path, write: Callable[[Path], None], replace: bool = True):
     """Call ``write(tmp)`` on a fresh folder beside ``target``, then move it into place.
 
@@ -52,7 +68,7 @@ def atomic_folder(target: Path, write: Callable[[Path], None], replace: bool = T
         tmp.mkdir()
         write(tmp)
         if replace and target.exists():
-            if not target.is_dir() or (any(target.iterdir()) and not (target / "config.json").exists()):
+            if not is_model_folder(target):
                 raise RefusionError(f"{target} is no longer a model folder; not replacing it")
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

@@ -16,6 +16,9 @@ from typing import Iterable, List, Optional, Union
 from .errors import RefusionError
 
 SEED_LIMIT = 2**64  # mx.random.key takes an unsigned 64-bit seed
+# Sampling temperature, the same bound everywhere (API, command lines, server): OpenAI's [0, 2].
+# Gumbel-max drafts at a higher temperature are close to uniform noise, of no use to anyone.
+MAX_TEMPERATURE = 2.0
 
 
 def _is_int(value) -> bool:
@@ -70,6 +73,11 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise RefusionError(f"{name} must be true or false, got {_shown(value)}")
     return value
+
+
+def check_temperature(name: str, value) -> float:
+    """A sampling temperature in [0, MAX_TEMPERATURE] (0: greedy)."""
+    return check_float(name, value, 0.0, MAX_TEMPERATURE)
 
 
 def check_seed(name: str, value) -> Optional[int]:

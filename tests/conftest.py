@@ -7,6 +7,15 @@ from pathlib import Path
 
 import pytest
 
+# What the checks need, set before anything imports mlx (and inherited by every child process):
+# - float32 matrix products in full float32 on MLX's CUDA backend (by default it runs them in TF32,
+#   ~1e-3 relative error), as the token-exactness tests need; MLX reads it at its first float32
+#   product, once per process. Nothing changes on the CPU.
+# - no slow-BLAS line on stderr: the suite must pass the same with or without OpenBLAS
+#   (tests/test_blas.py removes it where it checks that line).
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+os.environ.setdefault("REFUSION_MLX_BLAS_WARNING", "off")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 # The demo model's build-time helpers (tokenizer trainer, data card) live beside its recipe.

@@ -41,7 +41,7 @@ needs_openblas = pytest.mark.skipif(
 
 def run(code, **env):
     """Run ``code`` in a fresh interpreter with ``env`` (None removes a variable); (stdout, stderr)."""
-    full = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    full = {k: v for k, v in {**os.environ, blas.WARNING_ENV: None, **env}.items() if v is not None}
     full.pop("LD_PRELOAD", None)  # the test is about our preload, not the caller's
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -82,6 +82,14 @@ def test_turned_off_warns_exactly_once_and_computes_the_same(setting):
         on, _ = probe()
         np.testing.assert_allclose(np.array(on["product"], np.float32), np.array(off["product"], np.float32),
                                    rtol=1e-4, atol=1e-4)
+
+
+@linux_only
+def test_the_line_can_be_silenced_and_only_the_line():
+    """REFUSION_MLX_BLAS_WARNING=off (as the suite runs) drops the warning, not the measurement."""
+    off, err = probe(**{blas.ENV: "off", blas.WARNING_ENV: "off"})
+    assert off["loaded"] is None and off["gflops"] < blas.SLOW_GFLOPS and "(slow)" in off["report"]
+    assert err == ""
 
 
 @linux_only

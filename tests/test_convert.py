@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, with_root_on_path
 
 from checkpoints import CORPUS, special_ids, tiny_config, write_checkpoint, write_tokenizer
+from numerics import assert_close
 from refusion_mlx import generate_ids, load, load_model
 from refusion_mlx import convert as convert_module
 from refusion_mlx.convert import convert, main
@@ -366,5 +367,5 @@ def test_quantized_model_is_prepared_for_the_cpu_without_changing_its_outputs(tm
     assert isinstance(prepared.model.embed_tokens, CPUQuantizedEmbedding)
     exact = load_model(folder, dtype="float32", for_cpu=False)  # the same weights, float32 math, no BLAS
     for ids in (prompt, prompt[:2]):  # BLAS for many tokens, the quantized product for few
-        np.testing.assert_allclose(np.array(logits(prepared, ids)), np.array(logits(exact, ids)), atol=1e-4)
+        assert_close(np.array(logits(prepared, ids)), np.array(logits(exact, ids)), rtol=1e-4)
     assert top1_agreement(logits(prepared, prompt), logits(stored, prompt)) > 0.95

@@ -132,7 +132,7 @@ def test_cli_without_model_answers_offline(tmp_path):
          "--verbose"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Column 1: 2 + 9 + 0 = 11, write 1, carry 1" in proc.stdout
-    assert "Answer: 1141" in proc.stdout and "TPF" in proc.stdout
+    assert "Answer: 1141" in proc.stdout and "Tokens per model call" in proc.stdout
 
 
 def test_data_card_from_a_trained_folder(tmp_path):
@@ -144,6 +144,6 @@ def test_data_card_from_a_trained_folder(tmp_path):
         shutil.copy(DEMO_MODEL_PATH / name, tmp_path / name)
     text = write_card(tmp_path).read_text()
     assert "4.8M-parameter" in text and "80000 train" in text and "25% of the examples" in text
-    assert all(f"| {family} | `" in text for family in tasks.FAMILIES)
+    assert all(f"| {name} | {family.scope} | `" in text for name, family in tasks.FAMILIES.items())
     assert NO_RESULTS in text
     assert "measured" in write_card(tmp_path, "measured: 95%").read_text()

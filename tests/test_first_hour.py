@@ -96,7 +96,7 @@ def test_off_format_prompts_on_the_demo_model_are_flagged():
 
 
 def test_verbose_counts_iterations_in_english(tiny_tokenizer_model):
-    from refusion_mlx.decode import GenerationResult
+    from refusion_mlx.transcript import GenerationResult
     from refusion_mlx.generate import format_stats
 
     one = GenerationResult([1], 1.0, 2, 3, 0.1, 0.0, iterations=1)

@@ -7,13 +7,14 @@ import pytest
 from conftest import oracle
 
 from checkpoints import tiny_config, write_checkpoint
+from numerics import assert_close
 from refusion_mlx import RefusionError, load_model
-from refusion_mlx.cache import SlotCache
+from refusion_mlx.kv import SlotCache
 
 torch = oracle("torch")
 transformers = oracle("transformers")
 
-TOL = 1e-4
+TOL = 1e-4  # relative (numerics.assert_close): float32 against torch's summation order
 
 
 def hf_model(path):
@@ -53,7 +54,7 @@ def test_contiguous_positions_match(pair):
     model, ref = pair
     ids = np.random.default_rng(0).integers(0, 320, 24).tolist()
     pos = list(range(24))
-    np.testing.assert_allclose(ours(model, ids, pos), hf_logits(ref, ids, pos)[0], atol=TOL)
+    assert_close(ours(model, ids, pos), hf_logits(ref, ids, pos)[0], rtol=TOL)
 
 
 def test_scrambled_gapped_positions_match(pair):
@@ -61,7 +62,7 @@ def test_scrambled_gapped_positions_match(pair):
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 320, 24).tolist()
     pos = rng.permutation(500)[:24].tolist()
-    np.testing.assert_allclose(ours(model, ids, pos), hf_logits(ref, ids, pos)[0], atol=TOL)
+    assert_close(ours(model, ids, pos), hf_logits(ref, ids, pos)[0], rtol=TOL)
 
 
 def test_cache_continued_in_commit_order_matches(pair):
@@ -78,7 +79,7 @@ def test_cache_continued_in_commit_order_matches(pair):
         got = ours(model, ids, pos, cache, view)
         cache.commit(len(ids))
         want, past = hf_logits(ref, ids, pos, past)
-        np.testing.assert_allclose(got, want, atol=TOL)
+        assert_close(got, want, rtol=TOL)
 
 
 def test_uncommitted_entries_are_discarded(tiny_model):

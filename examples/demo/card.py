@@ -26,10 +26,13 @@ something shaped like one of them.
 Synthetic instructions from `refusion_mlx.demo.tasks` (seed {seed}): {train} train,
 {valid} valid and {test} test examples, the seven families in turn. Test and valid
 share no query and no answer with train; the test split was never trained on.
-Every example has an exact-match answer (`refusion_mlx.demo.tasks.check`).
+Every example has an exact-match answer (`refusion_mlx.demo.tasks.check`). Each family
+draws from the range below (`refusion_mlx.demo.tasks.FAMILIES`); outside it (fewer numbers
+to sort, a shorter sentence to reverse, a word not in its list) the model was never trained,
+and its answers are often wrong.
 
-| family | example query |
-|---|---|
+| family | range trained on | example query |
+|---|---|---|
 {examples}
 
 ## Tokenizer
@@ -55,9 +58,9 @@ NO_RESULTS = ("Not measured yet: `python -m refusion_mlx.evaluate --model FOLDER
 
 
 def example_queries(seed: int = 12345) -> str:
-    """One made-up query per family, for the card's table (not from any split)."""
+    """One made-up query per family with its range, for the card's table (not from any split)."""
     rng = random.Random(seed)
-    rows = [f"| {name} | `{make_example(name, rng)['query']}` |" for name in FAMILIES]
+    rows = [f"| {name} | {family.scope} | `{make_example(name, rng)['query']}` |" for name, family in FAMILIES.items()]
     return "\n".join(rows)
 
 

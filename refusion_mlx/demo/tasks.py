@@ -15,10 +15,11 @@ with train.
 
 import json
 import random
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..cli import ArgumentParser, run_command
 from ..errors import RefusionError
@@ -28,6 +29,17 @@ DEFAULT_SIZES = {"train": 20000, "valid": 500, "test": 500}
 ORDER = ("test", "valid", "train")  # generation order: test is fixed by (seed, test size) alone
 ANSWER = "Answer:"
 MAX_RETRIES = 1000  # duplicate queries in a row before a family counts as exhausted
+# Prompts to show the demo with (the benchmark's default, a converted demo's card): in range.
+EXAMPLE_QUERIES = ("What is 682 + 459? Work column by column.",
+                   "Sort these numbers from smallest to largest: 512, 47, 903, 268, 131, 775, 390")
+
+# The ranges the families draw from (inclusive): the demo model knows these and nothing beyond.
+OPERAND_DIGITS = (2, 6)  # addition and subtraction operands
+SORT_COUNT, SORT_VALUES = (6, 16), (0, 999)
+REVERSE_COUNT = (16, 32)
+SEQUENCE_TERMS, SEQUENCE_START, SEQUENCE_STEP = (10, 30), (0, 200), (-12, 12)  # the step is never 0
+UPPER_COUNT = (5, 12)
+FUNCTION_CONSTANT = (2, 199)
 
 WORDS = (
     "apple river stone cloud green house light music paper table window garden bread water "
@@ -112,7 +124,7 @@ FUNCTION_BODIES = {
 
 def operand(rng: random.Random) -> int:
     """A 2- to 6-digit number, every length equally likely (so short sums are not rare)."""
-    digits = rng.randint(2, 6)
+    digits = rng.randint(*OPERAND_DIGITS)
     return rng.randint(10 ** (digits - 1), 10 ** digits - 1)
 
 
@@ -132,7 +144,7 @@ def addition(rng: random.Random):
         carry = total // 10
     if carry:
         lines.append("The last carry 1 is the leading digit.")
-    answer = str(a + b)
+    answer = addition_answer(a, b)
     return rng.choice(ADD_QUERIES).format(a=a, b=b), "\n".join(lines + [f"{ANSWER} {answer}"]), answer
 
 
@@ -145,47 +157,71 @@ def subtraction(rng: random.Random):
         top = x + 10 if x - y - borrow < 0 else x
         lines.append(f"Column {i}: {top} - {y} - {borrow} = {top - y - borrow}, borrow {int(top > x)}")
         borrow = int(top > x)
-    answer = str(a - b)
+    answer = subtraction_answer(a, b)
     return rng.choice(SUB_QUERIES).format(a=a, b=b), "\n".join(lines + [f"{ANSWER} {answer}"]), answer
 
 
 def sorting(rng: random.Random):
     """Sort 6-16 numbers below 1000, either way round."""
-    numbers = [rng.randint(0, 999) for _ in range(rng.randint(6, 16))]
+    numbers = [rng.randint(*SORT_VALUES) for _ in range(rng.randint(*SORT_COUNT))]
     order = rng.choice(sorted(SORT_QUERIES))
-    answer = ", ".join(map(str, sorted(numbers, reverse=order == "descending")))
+    answer = sort_answer(numbers, order)
     query = rng.choice(SORT_QUERIES[order]).format(items=", ".join(map(str, numbers)))
     return query, f"{ANSWER} {answer}", answer
 
 
 def reversing(rng: random.Random):
     """Reverse a sentence of 16-32 words: pure copying from the prompt."""
-    words = [rng.choice(WORDS) for _ in range(rng.randint(16, 32))]
-    answer = " ".join(reversed(words))
+    words = [rng.choice(WORDS) for _ in range(rng.randint(*REVERSE_COUNT))]
+    answer = reverse_answer(words)
     # The lead-in puts a space before the first word, so it is the same token as in the prompt.
     return rng.choice(REVERSE_QUERIES).format(words=" ".join(words)), f"{ANSWER} {answer}", answer
 
 
 def sequence(rng: random.Random):
     """The first n terms of an arithmetic progression (steps may be negative)."""
-    n, a = rng.randint(10, 30), rng.randint(0, 200)
-    d = rng.choice([s for s in range(-12, 13) if s])
-    answer = ", ".join(str(a + d * k) for k in range(n))
+    n, a = rng.randint(*SEQUENCE_TERMS), rng.randint(*SEQUENCE_START)
+    d = rng.choice([s for s in range(SEQUENCE_STEP[0], SEQUENCE_STEP[1] + 1) if s])
+    answer = sequence_answer(n, a, d)
     return rng.choice(SEQUENCE_QUERIES).format(n=n, a=a, d=d), answer, answer
 
 
 def upper_case(rng: random.Random):
     """Number 5-12 words and write them in capitals, one per line."""
-    words = [rng.choice(WORDS) for _ in range(rng.randint(5, 12))]
-    answer = "\n".join(f"{k}. {w.upper()}" for k, w in enumerate(words, 1))
+    words = [rng.choice(WORDS) for _ in range(rng.randint(*UPPER_COUNT))]
+    answer = upper_answer(words)
     return rng.choice(UPPER_QUERIES).format(words=", ".join(words)), answer, answer
+
+
+def addition_answer(a: int, b: int) -> str:
+    return str(a + b)
+
+
+def subtraction_answer(a: int, b: int) -> str:
+    return str(a - b)
+
+
+def sort_answer(numbers: Sequence[int], order: str) -> str:
+    return ", ".join(map(str, sorted(numbers, reverse=order == "descending")))
+
+
+def reverse_answer(words: Sequence[str]) -> str:
+    return " ".join(reversed(words))
+
+
+def sequence_answer(n: int, a: int, d: int) -> str:
+    return ", ".join(str(a + d * k) for k in range(n))
+
+
+def upper_answer(words: Sequence[str]) -> str:
+    return "\n".join(f"{k}. {w.upper()}" for k, w in enumerate(words, 1))
 
 
 def python_function(rng: random.Random):
     """A small Python function from a template: the skeleton is fixed, name and constant are not."""
     kind, name = rng.choice(FUNCTION_OPS)
     desc, expr = FUNCTION_OPS_BY_KIND[kind][name]
-    k = rng.randint(2, 199)
+    k = rng.randint(*FUNCTION_CONSTANT)
     v = rng.choice(SCALAR_ARGS if kind == "scalar" else LIST_ARGS)
     fill = dict(k=k, v=v)
     query = rng.choice(FUNCTION_QUERIES).format(name=f"{name}_{k}", desc=desc.format(**fill))
@@ -193,23 +229,137 @@ def python_function(rng: random.Random):
     return query, body, body
 
 
+def _span(bounds: Tuple[int, int]) -> str:
+    return f"{bounds[0]}-{bounds[1]}"
+
+
+def _within(what: str, value: int, bounds: Tuple[int, int]):
+    if not bounds[0] <= value <= bounds[1]:
+        raise ValueError(f"{what} {value} is outside the trained range {_span(bounds)}")
+
+
+def _known_words(words: Sequence[str]) -> List[str]:
+    unknown = [w for w in words if w not in WORDS]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not one of the {len(set(WORDS))} trained words")
+    return list(words)
+
+
+def _solve_addition(f: dict, _order: str) -> str:
+    a, b = int(f["a"]), int(f["b"])
+    for x in (a, b):
+        _within("digits in an operand:", len(str(x)), OPERAND_DIGITS)
+    return addition_answer(a, b)
+
+
+def _solve_subtraction(f: dict, _order: str) -> str:
+    a, b = int(f["a"]), int(f["b"])
+    for x in (a, b):
+        _within("digits in an operand:", len(str(x)), OPERAND_DIGITS)
+    if a < b:
+        raise ValueError(f"{a} - {b}: the trained subtractions take the smaller from the larger")
+    return subtraction_answer(a, b)
+
+
+def _solve_sort(f: dict, order: str) -> str:
+    numbers = [int(x) for x in f["items"].split(", ")]
+    _within("count of numbers", len(numbers), SORT_COUNT)
+    for x in numbers:
+        _within("number", x, SORT_VALUES)
+    return sort_answer(numbers, order)
+
+
+def _solve_reverse(f: dict, _order: str) -> str:
+    words = _known_words(f["words"].split(" "))
+    _within("count of words", len(words), REVERSE_COUNT)
+    return reverse_answer(words)
+
+
+def _solve_sequence(f: dict, _order: str) -> str:
+    n, a, d = int(f["n"]), int(f["a"]), int(f["d"])
+    _within("count of terms", n, SEQUENCE_TERMS)
+    _within("start", a, SEQUENCE_START)
+    _within("step", d, SEQUENCE_STEP)
+    if d == 0:
+        raise ValueError("step 0 was never trained")
+    return sequence_answer(n, a, d)
+
+
+def _solve_upper(f: dict, _order: str) -> str:
+    words = _known_words(f["words"].split(", "))
+    _within("count of words", len(words), UPPER_COUNT)
+    return upper_answer(words)
+
+
 @dataclass(frozen=True)
 class Family:
-    """A task family: how to draw an example and where its final answer starts."""
+    """A task family: how to draw an example, where its final answer starts, and what it spans.
+
+    ``scope`` states the ranges ``make`` draws from (the data card lists it); ``queries`` are its
+    query templates (with the order they ask for, for sort) and ``solve`` computes the answer from
+    a template's fields with the same function ``make`` uses, raising ValueError outside the ranges.
+    """
 
     make: Callable[[random.Random], tuple]  # rng -> (query, response, answer)
-    marker: Optional[str] = None  # the answer follows the last marker; None: the whole response
+    marker: Optional[str]  # the answer follows the last marker; None: the whole response
+    scope: str
+    queries: Tuple[Tuple[str, str], ...] = ()  # (template, order)
+    solve: Optional[Callable[[dict, str], str]] = None  # (template fields, order) -> answer
+
+
+def _plain(templates: Sequence[str]) -> Tuple[Tuple[str, str], ...]:
+    return tuple((t, "") for t in templates)
 
 
 FAMILIES: Dict[str, Family] = {
-    "addition": Family(addition, ANSWER),
-    "subtraction": Family(subtraction, ANSWER),
-    "sort": Family(sorting, ANSWER),
-    "reverse": Family(reversing, ANSWER),
-    "sequence": Family(sequence),
-    "upper": Family(upper_case),
-    "function": Family(python_function),
+    "addition": Family(addition, ANSWER, f"two numbers of {_span(OPERAND_DIGITS)} digits each",
+                       _plain(ADD_QUERIES), _solve_addition),
+    "subtraction": Family(subtraction, ANSWER,
+                          f"two numbers of {_span(OPERAND_DIGITS)} digits each, the smaller from the larger",
+                          _plain(SUB_QUERIES), _solve_subtraction),
+    "sort": Family(sorting, ANSWER,
+                   f"{_span(SORT_COUNT)} numbers from {SORT_VALUES[0]} to {SORT_VALUES[1]}, either order",
+                   tuple((t, order) for order, ts in sorted(SORT_QUERIES.items()) for t in ts), _solve_sort),
+    "reverse": Family(reversing, ANSWER, f"{_span(REVERSE_COUNT)} words from its list of {len(set(WORDS))}",
+                      _plain(REVERSE_QUERIES), _solve_reverse),
+    "sequence": Family(sequence, None,
+                       f"{_span(SEQUENCE_TERMS)} terms, starting at {_span(SEQUENCE_START)}, "
+                       f"step {SEQUENCE_STEP[0]} to {SEQUENCE_STEP[1]} (not 0)",
+                       _plain(SEQUENCE_QUERIES), _solve_sequence),
+    "upper": Family(upper_case, None, f"{_span(UPPER_COUNT)} words from its list of {len(set(WORDS))}",
+                    _plain(UPPER_QUERIES), _solve_upper),
+    "function": Family(python_function, None,
+                       f"{len(FUNCTION_OPS)} operations in 3 code templates, constant {_span(FUNCTION_CONSTANT)}"),
 }
+
+# A template's fields as the generators write them.
+FIELD_PATTERNS = {"a": r"-?\d+", "b": r"-?\d+", "n": r"-?\d+", "d": r"-?\d+",
+                  "items": r"-?\d+(?:, -?\d+)*", "words": r"[A-Za-z]+(?:,? [A-Za-z]+)*"}
+
+
+def template_pattern(template: str) -> str:
+    """A regular expression matching what ``template`` formats to, one named group per field."""
+    parts = re.split(r"\{(\w+)\}", template)
+    return "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{FIELD_PATTERNS[p]})" for i, p in enumerate(parts))
+
+
+def solve(query: str) -> Optional[dict]:
+    """The example a query written in one of the families' templates asks for.
+
+    ``{"query", "family", "answer"}`` (``check`` takes it), the answer computed by the function the
+    family's generator uses; None for a query in no template (or of the function family, whose
+    queries are not parsed); ValueError naming the range when the query leaves what was trained.
+    """
+    for name, family in FAMILIES.items():
+        for template, order in family.queries:
+            match = re.fullmatch(template_pattern(template), query)
+            if match:
+                try:
+                    answer = family.solve(match.groupdict(), order)
+                except ValueError as e:
+                    raise ValueError(f"{query!r}: {name}: {e} ({family.scope})") from None
+                return {"query": query, "family": name, "answer": answer}
+    return None
 
 
 def normalize(text: str) -> str:

@@ -84,13 +84,14 @@ class PromptCache:
         self.history, self.decoded = history, decoded
 
     def copy(self) -> "PromptCache":
-        """An independent copy: the same entries, in buffers of its own."""
+        """An independent copy: the same entries; the buffers are copied only where either writes
+        (MLX arrays are values: a write to one leaves the other as it was)."""
         other = PromptCache(len(self.cache.layers), self.max_kv_size, self.keep_answers, self.cache.bucket)
         other.cache.adopt(self.cache)
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             theirs.capacity = mine.capacity
             if mine.keys is not None:
-                theirs.keys, theirs.values = mx.array(mine.keys), mx.array(mine.values)
+                theirs.keys, theirs.values = mine.keys[...], mine.values[...]
         other.history, other.decoded = self.history.copy(), self.decoded.copy()
         return other
 
