@@ -75,6 +75,26 @@ class DecodeSettings:
         check_float("temperature", self.temperature, minimum=0.0)
         check_seed("seed", self.seed)
 
+    def check_fits(self, prompt_length: int, positions: int):
+        """Raise RefusionError unless a prompt of ``prompt_length`` tokens and this generation fit a
+        model of ``positions`` positions: checked before anything is allocated or tokenized.
+
+        The returned tokens must fit (prompt + gen_length <= positions). The padding to whole slots
+        and blocks may run past them (RoPE is computed for any position, nothing there is returned),
+        but by less than one slot_size x serial_num_blocks, which must itself fit: so the cache a
+        generation allocates stays under twice the model's positions, whatever the knobs.
+        """
+        unit = self.slot_size * self.serial_num_blocks
+        if unit > positions:
+            raise RefusionError(
+                f"slot_size ({self.slot_size}) x serial_num_blocks ({self.serial_num_blocks}) = {unit} exceeds the "
+                f"model's max_position_embeddings ({positions})")
+        if prompt_length + self.gen_length > positions:
+            raise RefusionError(
+                f"prompt ({prompt_length} tokens) + gen_length ({self.gen_length}) = "
+                f"{prompt_length + self.gen_length} exceeds the model's max_position_embeddings "
+                f"({positions}); at most {max(positions - prompt_length, 0)} tokens fit after this prompt")
+
 
 KNOBS = ("gen_length", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold")
 
@@ -103,6 +123,8 @@ def settings_for(model=None, prompt_length: int = 0, *, preset: Optional[str] = 
         if 0 < room < settings.gen_length:
             settings = replace(settings, gen_length=room)
     settings.validate()
+    if model is not None and prompt_length:
+        settings.check_fits(prompt_length, model.args.max_position_embeddings)
     return settings
 
 
@@ -379,13 +401,7 @@ def start_state(model, prompt_ids: Sequence[int], settings: DecodeSettings,
     if mask_id is not None:
         check_token_id("mask_id", mask_id, model.args.vocab_size)
     eos_token_id = check_eos("eos_token_id", eos_token_id)
-    limit = model.args.max_position_embeddings
-    if len(prompt_ids) + settings.gen_length > limit:
-        raise RefusionError(
-            f"prompt ({len(prompt_ids)} tokens) + gen_length ({settings.gen_length}) = "
-            f"{len(prompt_ids) + settings.gen_length} exceeds the model's max_position_embeddings "
-            f"({limit}); at most {max(limit - len(prompt_ids), 0)} tokens fit after this prompt"
-        )
+    settings.check_fits(len(prompt_ids), model.args.max_position_embeddings)
     if min(prompt_ids) < 0 or max(prompt_ids) >= model.args.vocab_size:
         raise RefusionError(f"prompt token ids must be in [0, {model.args.vocab_size})")
     key = None
