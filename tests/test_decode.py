@@ -13,6 +13,7 @@ from refusion_mlx.decode import (
     first_eos,
     generation_tpf,
     generate_step,
+    settings_for,
     start_state,
     update_tags,
 )
