@@ -26,7 +26,9 @@ class RequestError(Exception):
 
 @dataclass
 class Job:
-    """One accepted request, as the decode thread and the HTTP thread share it."""
+    """One accepted request, as the decode thread and the HTTP side share it: the engine ``put``s
+    ``("commit", (positions, tokens))``, then ``("done", None)`` or ``("error", RequestError)`` on
+    ``events`` (anything with a thread-safe ``put``)."""
 
     prompt: List[int]
     settings: object  # DecodeSettings
@@ -59,6 +61,7 @@ class Engine:
         self.waiting: List[Job] = []
         self.running: Dict[int, Job] = {}
         self.stopping = threading.Event()
+        self.halted = False  # set by a signal handler: no lock taken there (see ``halt``)
 
     @property
     def queued(self) -> int:
@@ -75,10 +78,15 @@ class Engine:
         self.stopping.set()
         self.incoming.put(None)
 
+    def halt(self):
+        """Make ``run`` return within one step or half a second; safe in a signal handler, which may
+        interrupt this very thread while it holds a queue's lock (``stop`` would wait on it forever)."""
+        self.halted = True
+
     def run(self):
         """Admit and decode until ``stop`` (or Ctrl-C); jobs still open then get a 503."""
         try:
-            while not self.stopping.is_set():
+            while not (self.stopping.is_set() or self.halted):
                 self._admit()
                 if not self.batch.active:
                     continue
