@@ -55,6 +55,10 @@ class DecodeSettings:
     token_threshold: float = 0.3
     temperature: float = 0.0
     seed: Optional[int] = None
+    # Sampling (temperature > 0) among fewer tokens: sampling.truncate; the defaults keep all.
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
 
     @property
     def padded_length(self) -> int:
@@ -74,6 +78,11 @@ class DecodeSettings:
             check_float(name, getattr(self, name), 0.0, 1.0)
         check_float("temperature", self.temperature, minimum=0.0)
         check_seed("seed", self.seed)
+        check_float("top_p", self.top_p, 0.0, 1.0)
+        if self.top_p == 0:
+            raise RefusionError("top_p must be in (0, 1], got 0.0")
+        check_int("top_k", self.top_k, 0)
+        check_float("min_p", self.min_p, 0.0, 1.0)
 
     def check_fits(self, prompt_length: int, positions: int):
         """Raise RefusionError unless a prompt of ``prompt_length`` tokens and this generation fit a
@@ -199,7 +208,7 @@ def plan(state: DecodeState, pending: Sequence[int], settings: DecodeSettings):
     else:
         state.key, key = mx.random.split(state.key)
         logits = answer.logits.reshape(len(pending), S, -1)
-        drafts = draft_tokens(logits, settings.temperature, key)
+        drafts = draft_tokens(logits, settings.temperature, key, settings.top_p, settings.top_k, settings.min_p)
         confidence = probability_of(logits[:, 0], drafts[:, 0])
     drafts, confidence = yield from to_host(drafts, confidence)
     return Plan(drafts, confidence)
@@ -512,6 +521,9 @@ def generate_ids(
     mask_id: Optional[int] = None,
     eos_token_id: Union[None, int, Iterable[int]] = None,
     preset: Optional[str] = None,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    min_p: Optional[float] = None,
 ) -> GenerationResult:
     """Plan-and-infill generation from token ids (docs/decoding.md describes the algorithm).
 
@@ -533,6 +545,8 @@ def generate_ids(
         mask_id: the mask token; default the config's ``mask_token_id``.
         eos_token_id: an id or ids that end the generation; default the config's.
         preset: a name from ``presets.PRESETS`` (the paper's per-benchmark settings).
+        top_p, top_k, min_p: with temperature > 0, draft among fewer tokens (``sampling.truncate``);
+            None: all of them.
 
     Returns:
         A ``GenerationResult``: the tokens in position order, up to and including the first
@@ -541,7 +555,8 @@ def generate_ids(
     prompt_ids = check_token_ids("prompt_ids", prompt_ids)
     settings = settings_for(model, len(prompt_ids), preset=preset, gen_length=gen_length, slot_size=slot_size,
                             serial_num_blocks=serial_num_blocks, slot_threshold=slot_threshold,
-                            token_threshold=token_threshold, temperature=temperature, seed=seed)
+                            token_threshold=token_threshold, temperature=temperature, seed=seed,
+                            top_p=top_p, top_k=top_k, min_p=min_p)
     state = start_state(model, prompt_ids, settings, mask_id, eos_token_id)
     warn_if_slow_blas()  # once per process, and only for a request that proved good
     mx.reset_peak_memory()

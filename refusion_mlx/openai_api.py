@@ -59,7 +59,7 @@ class Common(Strict):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    top_k: Optional[int] = None  # mlx-lm's extra; 0 or -1: off
+    top_k: Optional[int] = Field(None, ge=-1)  # mlx-lm's extra; 0 or -1: off
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)  # mlx-lm's extra
     repetition_penalty: Optional[float] = None  # mlx-lm's extra
     n: Optional[int] = Field(None, ge=1, le=MAX_N)
@@ -119,9 +119,6 @@ def _neutral_tool_choice(value) -> bool:
 
 # field -> (is the value neutral?, what to say when it is not). Only these values are no-ops.
 NEUTRAL = {
-    "top_p": (lambda v: v in (None, 1.0), "top_p sampling is not supported (1: off)"),
-    "min_p": (lambda v: not v, "min_p sampling is not supported (0: off)"),
-    "top_k": (lambda v: v in (None, 0, -1), "top_k sampling is not supported (0 or -1: off)"),
     "repetition_penalty": (lambda v: v in (None, 1.0), "repetition_penalty is not supported (1: off)"),
     "frequency_penalty": (lambda v: not v, "frequency_penalty is not supported (0: off)"),
     "presence_penalty": (lambda v: not v, "presence_penalty is not supported (0: off)"),

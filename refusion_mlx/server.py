@@ -223,7 +223,7 @@ def _request_error(e: RefusionError, chat: bool) -> RequestError:
     if "exceeds the model's max_position_embeddings" in message and "slot_size (" not in message:
         return RequestError(message, "messages" if chat else "prompt", code="context_length_exceeded")
     named = [n for n in ("slot_size", "blocks", "max_tokens", "slot_threshold", "token_threshold",
-                         "temperature", "seed", "preset") if message.startswith(n) or f"{n} (" in message
+                         "temperature", "seed", "preset", "top_p", "top_k", "min_p") if message.startswith(n) or f"{n} (" in message
              or f"'{n}" in message or f"{n} must" in message]
     return RequestError(message, named[0] if named else None)
 
@@ -262,7 +262,8 @@ class Service:
         knobs = {"gen_length": max_tokens, "slot_size": request.slot_size,
                  "serial_num_blocks": request.blocks, "slot_threshold": request.slot_threshold,
                  "token_threshold": request.token_threshold, "temperature": request.temperature or 0.0,
-                 "seed": request.seed}
+                 "seed": request.seed, "top_p": request.top_p, "min_p": request.min_p,
+                 "top_k": None if request.top_k is None else max(request.top_k, 0)}
         try:
             return settings_for(self.model, prompt_length, preset=request.preset, **knobs)
         except RefusionError as e:

@@ -91,6 +91,16 @@ def test_seeds_make_sampling_reproducible(server):
     assert len({sample(s) for s in (5, 6, 7)}) > 1
     assert sample(5, 0.0) == sample(6, 0.0)  # greedy: the seed plays no part
 
+    def truncated(seed, **knobs):
+        return server.client.completions.create(model="demo", prompt=REVERSE, temperature=1.0, seed=seed,
+                                                max_tokens=16, extra_body=knobs).choices[0].text
+
+    assert truncated(5, top_k=1) == truncated(6, top_k=1) == sample(5, 0.0)  # one token left: greedy's
+    nucleus = server.client.completions.create(model="demo", prompt=REVERSE, temperature=1.0, seed=5, top_p=0.9,
+                                               max_tokens=16).choices[0].text
+    assert nucleus == server.client.completions.create(model="demo", prompt=REVERSE, temperature=1.0, seed=5,
+                                                       top_p=0.9, max_tokens=16).choices[0].text
+
 
 def test_knobs_and_decoder_per_request(server, demo):
     model, tokenizer = demo
@@ -235,7 +245,10 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, 400, "stop"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "'n'"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0.5}, 400, "top_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "min_p": 2}, 400, "min_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400,
+     "frequency_penalty"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
      "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
