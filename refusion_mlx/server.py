@@ -277,6 +277,9 @@ class Service:
 
         if request.decoder is not None and request.decoder not in DECODERS:
             raise RequestError(f"'decoder' must be one of {', '.join(DECODERS)}; got {request.decoder!r}", "decoder")
+        n = request.n or 1
+        if n > self.engine.max_concurrency:  # one request never holds more than the whole batch
+            raise RequestError(f"'n' must be at most {self.engine.max_concurrency} here (--max-concurrency)", "n")
         settings = self.settings(request, chat, 1)
         if request.seed is not None and request.n:
             self.settings(request.model_copy(update={"seed": request.seed + request.n - 1}), chat, 1)

@@ -52,12 +52,22 @@ def status_and_body(response: bytes):
     (dict(slot_size=2048, blocks=128), "slot_size"),  # was 2.5 GB and 10 s for everyone else
     (dict(max_tokens=10**30), "messages"),
     (dict(n=10**6), "n"),
+    (dict(n=16), "n"),  # more than --max-concurrency (4 here): one request would hold the whole batch
     (dict(max_tokens=8, seed=2**64), "seed"),
 ])
 def test_knobs_that_would_allocate_too_much_are_refused_by_name(server, knobs, param):
     status, _, data = post(server, {"messages": HI, **knobs})
     assert status == 400 and openai_error(data)["param"] == param
     assert server.health()["running"] == 0
+
+
+def test_a_prompt_too_long_is_refused_by_its_size_before_tokenizing(server):
+    """3.9 MB of text cannot fit 512 positions whatever the tokenizer does: refused on its bytes."""
+    for path, body in ((CHAT, {"messages": [{"role": "user", "content": "ab " * 1_300_000}]}),
+                       ("/v1/completions", {"prompt": "ab " * 1_300_000})):
+        status, _, data = post(server, body, path)
+        error = openai_error(data)
+        assert status == 400 and error["code"] == "context_length_exceeded" and "bytes" in error["message"]
 
 
 @pytest.mark.parametrize("body, words", [
