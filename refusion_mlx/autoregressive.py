@@ -63,7 +63,8 @@ def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Calla
         state.cache.commit(len(fed))
         if settings.temperature > 0:
             state.key, key = mx.random.split(state.key)
-            choice = draft_tokens(answer.logits[-1], settings.temperature, key)
+            choice = draft_tokens(answer.logits[-1], settings.temperature, key, settings.top_p, settings.top_k,
+                                  settings.min_p)
         else:
             choice = answer.best[-1]
         (token,) = yield from to_host(choice)

@@ -337,7 +337,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_command(run, build_parser().parse_args(argv))
+    return run_command(run, build_parser().parse_args(argv), decode_flags=True)
 
 
 if __name__ == "__main__":

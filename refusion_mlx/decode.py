@@ -59,6 +59,10 @@ class DecodeSettings:
     token_threshold: float = 0.3
     temperature: float = 0.0
     seed: Optional[int] = None
+    # Sampling (temperature > 0) among fewer tokens: sampling.truncate; the defaults keep all.
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
 
     @property
     def padded_length(self) -> int:
@@ -78,6 +82,31 @@ class DecodeSettings:
             check_float(name, getattr(self, name), 0.0, 1.0)
         check_temperature("temperature", self.temperature)
         check_seed("seed", self.seed)
+        check_float("top_p", self.top_p, 0.0, 1.0)
+        if self.top_p == 0:
+            raise RefusionError("top_p must be in (0, 1], got 0.0")
+        check_int("top_k", self.top_k, 0)
+        check_float("min_p", self.min_p, 0.0, 1.0)
+
+    def check_fits(self, prompt_length: int, positions: int):
+        """Raise RefusionError unless a prompt of ``prompt_length`` tokens and this generation fit a
+        model of ``positions`` positions: checked before anything is allocated or tokenized.
+
+        The returned tokens must fit (prompt + gen_length <= positions). The padding to whole slots
+        and blocks may run past them (RoPE is computed for any position, nothing there is returned),
+        but by less than one slot_size x serial_num_blocks, which must itself fit: so the cache a
+        generation allocates stays under twice the model's positions, whatever the knobs.
+        """
+        unit = self.slot_size * self.serial_num_blocks
+        if unit > positions:
+            raise RefusionError(
+                f"slot_size ({self.slot_size}) x serial_num_blocks ({self.serial_num_blocks}) = {unit} exceeds the "
+                f"model's max_position_embeddings ({positions})")
+        if prompt_length + self.gen_length > positions:
+            raise RefusionError(
+                f"prompt ({prompt_length} tokens) + gen_length ({self.gen_length}) = "
+                f"{prompt_length + self.gen_length} exceeds the model's max_position_embeddings "
+                f"({positions}); at most {max(positions - prompt_length, 0)} tokens fit after this prompt")
 
 
 KNOBS = ("gen_length", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold")
@@ -107,6 +136,8 @@ def settings_for(model=None, prompt_length: int = 0, *, preset: Optional[str] = 
         if 0 < room < settings.gen_length:
             settings = replace(settings, gen_length=room)
     settings.validate()
+    if model is not None and prompt_length:
+        settings.check_fits(prompt_length, model.args.max_position_embeddings)
     return settings
 
 
@@ -176,7 +207,7 @@ def plan(state: DecodeState, pending: Sequence[int], settings: DecodeSettings):
     else:
         state.key, key = mx.random.split(state.key)
         logits = answer.logits.reshape(len(pending), S, -1)
-        drafts = draft_tokens(logits, settings.temperature, key)
+        drafts = draft_tokens(logits, settings.temperature, key, settings.top_p, settings.top_k, settings.min_p)
         confidence = probability_of(logits[:, 0], drafts[:, 0])
     drafts, confidence = yield from to_host(drafts, confidence)
     return Plan(drafts, confidence)
@@ -429,13 +460,7 @@ def start_state(model, prompt_ids: Sequence[int], settings: DecodeSettings,
     if mask_id is not None:
         check_token_id("mask_id", mask_id, model.args.vocab_size)
     eos_token_id = check_eos("eos_token_id", eos_token_id)
-    limit = model.args.max_position_embeddings
-    if len(prompt_ids) + settings.gen_length > limit:
-        raise RefusionError(
-            f"prompt ({len(prompt_ids)} tokens) + gen_length ({settings.gen_length}) = "
-            f"{len(prompt_ids) + settings.gen_length} exceeds the model's max_position_embeddings "
-            f"({limit}); at most {max(limit - len(prompt_ids), 0)} tokens fit after this prompt"
-        )
+    settings.check_fits(len(prompt_ids), model.args.max_position_embeddings)
     if min(prompt_ids) < 0 or max(prompt_ids) >= model.args.vocab_size:
         raise RefusionError(f"prompt token ids must be in [0, {model.args.vocab_size})")
     key = None
@@ -530,6 +555,9 @@ def generate_ids(
     mask_id: Optional[int] = None,
     eos_token_id: Union[None, int, Iterable[int]] = None,
     preset: Optional[str] = None,
+    top_p: Optional[float] = None,
+    top_k: Optional[int] = None,
+    min_p: Optional[float] = None,
     prompt_cache: Optional[PromptCache] = None,
     max_kv_size: Optional[int] = None,
 ) -> GenerationResult:
@@ -553,6 +581,8 @@ def generate_ids(
         mask_id: the mask token; default the config's ``mask_token_id``.
         eos_token_id: an id or ids that end the generation; default the config's.
         preset: a name from ``presets.PRESETS`` (the paper's per-benchmark settings).
+        top_p, top_k, min_p: with temperature > 0, draft among fewer tokens (``sampling.truncate``);
+            None: all of them.
         prompt_cache: a ``make_prompt_cache`` cache kept across calls: only the prompt tokens it
             does not hold are fed, and it holds prompt + answer afterwards.
         max_kv_size: bound the cache to this many entries (a fresh bounded cache; a prompt
@@ -565,7 +595,8 @@ def generate_ids(
     prompt_ids = check_token_ids("prompt_ids", prompt_ids)
     settings = settings_for(model, len(prompt_ids), preset=preset, gen_length=gen_length, slot_size=slot_size,
                             serial_num_blocks=serial_num_blocks, slot_threshold=slot_threshold,
-                            token_threshold=token_threshold, temperature=temperature, seed=seed)
+                            token_threshold=token_threshold, temperature=temperature, seed=seed,
+                            top_p=top_p, top_k=top_k, min_p=min_p)
     prompt_cache = bounded_cache(model, prompt_cache, max_kv_size)
     state = start_state(model, prompt_ids, settings, mask_id, eos_token_id, prompt_cache)
     warn_if_slow_blas()  # once per process, and only for a request that proved good

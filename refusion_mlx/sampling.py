@@ -4,19 +4,47 @@ Only an argmax and the probability of one token per row are ever needed, so no
 full-vocabulary softmax is materialised: p(t) = exp(logit[t] - logsumexp(logits)).
 """
 
+import math
 from typing import Optional
 
 import mlx.core as mx
 
 
-def draft_tokens(logits: mx.array, temperature: float = 0.0, key: Optional[mx.array] = None) -> mx.array:
-    """Greedy tokens at temperature 0, else Gumbel-max samples (upstream's sampler, in log space)."""
+def draft_tokens(logits: mx.array, temperature: float = 0.0, key: Optional[mx.array] = None,
+                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> mx.array:
+    """Greedy tokens at temperature 0, else Gumbel-max samples (upstream's sampler, in log space)
+    among the tokens ``truncate`` keeps (all of them with its defaults: then upstream's exactly)."""
     if temperature == 0:
         return mx.argmax(logits, axis=-1)
+    logits = truncate(logits.astype(mx.float32), top_p, top_k, min_p)
     # Upstream: argmax(exp(l) / (-log u)^T). Same argmax as l - T*log(-log u), without overflow.
     u = mx.random.uniform(low=1e-20, high=1.0, shape=logits.shape, key=key)
     noise = mx.log(-mx.log(u))
-    return mx.argmax(logits.astype(mx.float32) - temperature * noise, axis=-1)
+    return mx.argmax(logits - temperature * noise, axis=-1)
+
+
+def truncate(logits: mx.array, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> mx.array:
+    """``logits`` with the tokens sampling may not pick set to -inf, judged on the distribution
+    before temperature (as mlx-lm's samplers): outside the ``top_k`` most likely (0: no limit),
+    below ``min_p`` times the most likely one's probability, outside the smallest set of most
+    likely tokens whose probabilities add up to ``top_p``; tokens tied with the last one kept stay
+    too. The most likely token is always kept. With the defaults nothing is computed."""
+    if top_k <= 0 and min_p <= 0 and top_p >= 1:
+        return logits
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    floor = mx.full(logits.shape[:-1] + (1,), -mx.inf)  # the least log-probability still kept, per row
+    if 0 < top_k < logits.shape[-1]:
+        floor = mx.maximum(floor, mx.topk(logprobs, top_k, axis=-1).min(axis=-1, keepdims=True))
+    if min_p > 0:
+        floor = mx.maximum(floor, logprobs.max(axis=-1, keepdims=True) + math.log(min_p))
+    if top_p < 1:
+        ordered = -mx.sort(-logprobs, axis=-1)  # descending
+        before = mx.cumsum(mx.exp(ordered), axis=-1) - mx.exp(ordered)  # mass of the more likely tokens
+        # The last token kept is the first one at which the mass before it reaches top_p, less one.
+        kept = mx.maximum(mx.sum(before < top_p, axis=-1, keepdims=True), 1)
+        floor = mx.maximum(floor, mx.take_along_axis(ordered, kept - 1, axis=-1))
+    floor = mx.minimum(floor, logprobs.max(axis=-1, keepdims=True))
+    return mx.where(logprobs >= floor, logits, -mx.inf)
 
 
 def probability_of(logits: mx.array, tokens: mx.array) -> mx.array:

@@ -57,6 +57,7 @@ class Generation:
     pending: Optional[Forward] = None
     done: bool = False
     cancelled: bool = False
+    finishing: bool = False  # finish at the next step, with what is committed (finish_early)
     result: Optional[GenerationResult] = None
     started: float = field(default_factory=time.perf_counter)
 
@@ -124,6 +125,11 @@ class Scheduler:
         """Drop a sequence at the next step (its client went away, or it has what it needs)."""
         seq.cancelled = True
 
+    def finish_early(self, seq: Generation):
+        """End a sequence at the next step with what it has committed (its reader needs no more):
+        unlike ``cancel`` it gets a result, and its prompt cache holds its prompt and answer."""
+        seq.finishing = True
+
     # --- one step: schedule, execute, update ---------------------------------------------------
 
     def step(self) -> List[Generation]:
@@ -140,6 +146,10 @@ class Scheduler:
         cancelled = [s for s in self.waiting if s.cancelled]
         self.waiting = deque(s for s in self.waiting if not s.cancelled)
         gone = [s for s in self.active if s.cancelled]
+        for seq in self.active:
+            if seq.finishing and not seq.cancelled:
+                self._finish(seq)
+                gone.append(seq)
         self._leave(gone)
         while self.waiting and len(self.active) < self.max_active:
             self._admit(self.waiting.popleft())

@@ -30,8 +30,7 @@ from typing import List, Optional, Sequence
 
 from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError
-
-DECODERS = ("plan-and-infill", "left-to-right")
+from .scheduler import DECODERS
 
 
 @dataclass

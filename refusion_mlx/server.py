@@ -1,283 +1,92 @@
 """An OpenAI-compatible HTTP server with streaming and continuous batching.
 
     python -m refusion_mlx.server [--model PATH_OR_REPO] [--adapter-path DIR] [--host 127.0.0.1] [--port 8080]
+                                  [--served-model-name NAME] [--cors-origin ORIGIN ...]
 
-Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both also as
-server-sent events with ``"stream": true``), ``GET /v1/models``, ``GET /health``.
-Besides OpenAI's ``max_tokens``, ``temperature``, ``seed`` and ``stop``, a request
-may carry ReFusion's knobs: ``slot_size``, ``blocks``, ``slot_threshold``,
-``token_threshold``, ``preset``, and ``decoder`` (``plan-and-infill`` or
-``left-to-right``).
+Endpoints, each also without the ``/v1`` prefix: ``POST /v1/chat/completions`` and
+``POST /v1/completions`` (both also as server-sent events with ``"stream": true``),
+``GET /v1/models``, ``GET /v1/models/{id}``; and ``GET /health``. Request bodies are OpenAI's
+schemas (``openai_api``: every field honoured, or accepted while neutral, or refused by name),
+plus ReFusion's knobs: ``slot_size``, ``blocks``, ``slot_threshold``, ``token_threshold``,
+``preset``, and ``decoder`` (``plan-and-infill`` or ``left-to-right``).
 
-The standard library's ``ThreadingHTTPServer`` (as ``mlx_lm.server``) parses
-requests in one thread each; the main thread owns the model and a ``scheduler.Scheduler``:
-requests that arrive while others decode join the batch between two steps (up to
-``--max-concurrency`` at once, the rest wait in a queue), and each step is one
-forward for all of them. A streaming client that goes away frees its sequence.
+HTTP is uvicorn's (h11: strict parsing, keep-alive, timeouts) with Starlette's routing; every
+answer that is not a 200, the protocol's own 400/431 included, is OpenAI's JSON error shape.
+The main thread owns the model and the engine (``engine.Engine``: a ``scheduler.Scheduler`` that requests
+join between two steps, up to ``--max-concurrency`` at once, the rest queued); the HTTP event
+loop runs in another thread, tokenizes prompts in a worker thread after measuring them, and
+hands jobs over. A client that goes away, streaming or not, frees its sequences.
 """
 
 import argparse
+import asyncio
 import gc
 import json
+import logging
 import os
-import queue
 import signal
+import socket
 import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, List, Optional, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import List, Optional, Sequence
 
-from .cli import ArgumentParser, prog, run_command
+from .cli import ArgumentParser, run_command
+from .engine import Committed, Engine, Failed, Job, RequestError
 from .errors import RefusionError
-from .validation import MAX_TEMPERATURE
+
+log = logging.getLogger("refusion_mlx.server")
 
 DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_MAX_QUEUE = 256
+DEFAULT_PROMPT_CACHE_SIZE = 10  # as mlx-lm's server
 MAX_BODY = 4 * 2**20  # bytes in one request body
-MAX_STOPS = 4  # as OpenAI
+MAX_HEAD = 16 * 2**10  # bytes in a request line and its headers (beyond: 431)
+MAX_TARGET = 8 * 2**10  # bytes in a request's path and query (beyond: 414)
+HEAD_TIMEOUT = 10.0  # seconds a connection has to send a whole request head
+BODY_TIMEOUT = 30.0  # seconds a request has to send its body
+KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
+MODEL_ALIAS = "default_model"  # as mlx-lm: a name any client may use for the one model served
 # MLX's CUDA backend keeps its CUDA graphs and cuDNN attention plans in LRU caches keyed by shape.
 # A batch whose size and lengths change every step makes more shapes than the defaults hold, and
 # rebuilding an evicted one costs more than the step; unless set, the server keeps more.
 CUDA_CACHE_SIZES = {"MLX_CUDA_GRAPH_CACHE_SIZE": 4096, "MLX_CUDA_SDPA_CACHE_SIZE": 1024}
-
-
-class RequestError(Exception):
-    """A request we refuse: becomes an OpenAI-style JSON error with this status."""
-
-    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
-                 code: Optional[str] = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code, self.kind = message, param, status, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-# --- reading a request ---------------------------------------------------------------------
-
-COMMON_FIELDS = {"model", "max_tokens", "temperature", "seed", "stop", "stream", "stream_options", "n",
-                 "user", "slot_size", "blocks", "slot_threshold", "token_threshold", "preset", "decoder"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
-
-
-def _integer(body: dict, name: str, low: int) -> Optional[int]:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"'{name}' must be an integer, got {json.dumps(value)}", name)
-    if value < low:
-        raise RequestError(f"'{name}' must be >= {low}, got {value}", name)
-    return value
-
-
-def _number(body: dict, name: str, low: float, high: Optional[float] = None) -> Optional[float]:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"'{name}' must be a number, got {json.dumps(value)}", name)
-    if value < low or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise RequestError(f"'{name}' must be {bounds}, got {value}", name)
-    return float(value)
-
-
-def _choice(body: dict, name: str, choices: Sequence[str]) -> Optional[str]:
-    value = body.get(name)
-    if value is None:
-        return None
-    if value not in choices:
-        raise RequestError(f"'{name}' must be one of {', '.join(choices)}; got {json.dumps(value)}", name)
-    return value
-
-
-def _bool(body: dict, name: str) -> bool:
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise RequestError(f"'{name}' must be true or false, got {json.dumps(value)}", name)
-    return value
-
-
-def _stops(body: dict) -> List[str]:
-    value = body.get("stop")
-    if value is None:
-        return []
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise RequestError("'stop' must be a non-empty string or a list of them", "stop")
-    if len(stops) > MAX_STOPS:
-        raise RequestError(f"'stop' takes at most {MAX_STOPS} strings", "stop")
-    return stops
-
-
-def _messages(body: dict) -> List[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list", "messages")
-    out = []
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise RequestError(f"messages[{k}] needs a 'role' of system, user or assistant", "messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise RequestError(f"messages[{k}].content: only text parts are supported", "messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise RequestError(f"messages[{k}].content must be a string", "messages")
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
-@dataclass
-class Job:
-    """One accepted request, as the decode thread and the HTTP thread share it."""
-
-    prompt: List[int]
-    settings: object  # DecodeSettings
-    decoder: str
-    max_tokens: int
-    eos: frozenset
-    events: "queue.Queue" = field(default_factory=queue.Queue)
-    cancelled: bool = False
-    sequence: object = None  # the batch's Generation, once admitted
-    filled: Dict[int, int] = field(default_factory=dict)  # position -> token (decode thread only)
-    prefix: int = 0  # filled positions from 0 without a hole (decode thread only)
-
-
-# --- the decode thread ----------------------------------------------------------------------
-
-class Engine:
-    """Owns the model and the batch: ``run`` admits jobs between steps and steps the batch.
-
-    It runs in the thread that loaded the model (MLX streams belong to threads), the
-    main one; the HTTP server's threads only hand jobs over and read their events.
-    """
-
-    def __init__(self, model, max_concurrency: int, max_queue: int):
-        from .scheduler import Scheduler
-
-        self.batch = Scheduler(model, max_concurrency)
-        self.max_concurrency = max_concurrency
-        self.max_queue = max_queue
-        self.incoming: "queue.Queue[Job]" = queue.Queue()
-        self.waiting: List[Job] = []
-        self.running: Dict[int, Job] = {}
-        self.stopping = threading.Event()
-
-    @property
-    def queued(self) -> int:
-        return self.incoming.qsize() + len(self.waiting)
-
-    def submit(self, job: Job):
-        if self.queued >= self.max_queue:
-            raise RequestError("too many requests waiting; retry later", status=429, kind="server_error",
-                               code="queue_full")
-        self.incoming.put(job)
-
-    def stop(self):
-        """Make ``run`` return (from another thread)."""
-        self.stopping.set()
-        self.incoming.put(None)
-
-    def run(self):
-        """Admit and decode until ``stop`` (or Ctrl-C); jobs still open then get a 503."""
-        try:
-            while not self.stopping.is_set():
-                self._admit()
-                if not self.batch.busy:
-                    continue
-                for job in self.running.values():
-                    if job.cancelled:
-                        self.batch.cancel(job.sequence)
-                try:
-                    left = self.batch.step()
-                except Exception as e:  # never take the server down: fail the jobs in the batch
-                    self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
-                    continue
-                for seq in left:
-                    job = self.running.pop(id(seq))
-                    job.events.put(("done", None))
-        finally:
-            self._fail_all("the server is shutting down", waiting=True)
-
-    def _admit(self):
-        """Move new jobs into the batch while there is room; block only when nothing runs."""
-        block = not self.batch.busy and not self.waiting
-        while True:
-            try:
-                job = self.incoming.get(block=block, timeout=0.5 if block else None)
-            except queue.Empty:
-                break
-            if job is None:
-                return
-            self.waiting.append(job)
-            block = False
-        while self.waiting and len(self.batch.active) + len(self.batch.waiting) < self.max_concurrency:
-            job = self.waiting.pop(0)
-            if job.cancelled:
-                job.events.put(("done", None))
-                continue
-            try:
-                job.sequence = self.batch.add(job.prompt, job.settings, decoder=job.decoder,
-                                              eos_token_id=job.eos, on_commit=self._committed(job))
-            except RefusionError as e:
-                job.events.put(("error", RequestError(str(e))))
-                continue
-            self.running[id(job.sequence)] = job
-
-    def _committed(self, job: Job):
-        def on_commit(seq, commit):
-            job.filled.update(zip(commit.positions, commit.tokens))
-            while job.prefix in job.filled:
-                job.prefix += 1
-            job.events.put(("commit", (list(commit.positions), list(commit.tokens))))
-            # Everything the client can get is decided: leave the batch now.
-            eos = any(job.filled[p] in job.eos for p in range(job.prefix))
-            if job.prefix >= job.max_tokens or eos:
-                self.batch.cancel(seq)
-        return on_commit
-
-    def _fail_all(self, message: str, waiting: bool = False):
-        error = RequestError(message, status=503 if waiting else 500, kind="server_error")
-        for job in list(self.running.values()) + (self.waiting if waiting else []):
-            job.events.put(("error", error))
-        if waiting:
-            while True:
-                try:
-                    job = self.incoming.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None:
-                    job.events.put(("error", error))
-            self.waiting = []
-        for seq in list(self.batch.active):
-            self.batch.cancel(seq)
-        self.running = {}
-        try:
-            self.batch.step()  # drops the cancelled sequences
-        except Exception:
-            pass
+# The library's argument names as a request spells them.
+REQUEST_NAMES = {"gen_length": "max_tokens", "serial_num_blocks": "blocks"}
 
 
 # --- turning committed tokens into OpenAI answers ----------------------------------------
 
-class Answer:
-    """The text of one job as its commits arrive: gap-free, cut at EOS, max_tokens and stop strings."""
+def stop_overlap(text: str, stop: str) -> int:
+    """Length of the longest proper prefix of ``stop`` that ``text`` ends with.
 
-    def __init__(self, tokenizer, lock, job: Job, stops: List[str]):
-        self.tokenizer, self.lock, self.job, self.stops = tokenizer, lock, job, stops
-        self.placed: Dict[int, int] = {}
+    Only the last len(stop)-1 characters of the text can take part, and only where stop[0]
+    occurs in them; each candidate is one C-level comparison: a 200,000-character stop string
+    costs what the answer's length does, never its own length squared.
+    """
+    if len(stop) < 2:
+        return 0
+    tail = text[-(len(stop) - 1):]
+    start = tail.find(stop[0])
+    while start >= 0:
+        if stop.startswith(tail[start:]):
+            return len(tail) - start
+        start = tail.find(stop[0], start + 1)
+    return 0
+
+
+class Answer:
+    """The text of one choice as its job's commits arrive: gap-free, cut at EOS, max_tokens and stops."""
+
+    def __init__(self, tokenizer, job: Job, stops: List[str]):
+        self.tokenizer, self.job, self.stops = tokenizer, job, stops
+        self.placed = {}
         self.tokens: List[int] = []  # the gap-free answer tokens so far
         self.text = ""
+        self.cut = False  # a stop string cut the text
         self.finish_reason: Optional[str] = None
         self.sent = 0  # characters of text already streamed
 
@@ -297,14 +106,15 @@ class Answer:
         if self.finish_reason is None and len(self.tokens) >= self.job.max_tokens:
             self.finish_reason = "length"
 
+    def _text(self, ids) -> str:
+        return self.tokenizer.decode([t for t in ids if t not in self.job.eos], skip_special_tokens=True)
+
     def _decode(self):
-        ids = [t for t in self.tokens if t not in self.job.eos]
-        with self.lock:
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self._text(self.tokens)
         for stop in self.stops:
             at = text.find(stop)
             if at >= 0:
-                text = text[:at]
+                text, self.cut = text[:at], True
                 self.finish_reason = "stop"
         self.text = text
 
@@ -312,13 +122,27 @@ class Answer:
         if self.finish_reason is None:
             self.finish_reason = "length"
 
+    def returned_tokens(self) -> int:
+        """Tokens the returned text is made of: all decoded ones, or, when a stop string cut the
+        text, the fewest whose text covers what is returned (the stop string's are not counted)."""
+        if not self.cut:
+            return len(self.tokens)
+        low, high = 0, len(self.tokens)  # the smallest k whose text reaches len(self.text)
+        while low < high:
+            mid = (low + high) // 2
+            if len(self._text(self.tokens[:mid]).rstrip("\ufffd")) >= len(self.text):
+                high = mid
+            else:
+                low = mid + 1
+        return low
+
     def delta(self, final: bool = False) -> str:
         """Text not streamed yet that can no longer change (all of it when ``final``)."""
         text = self.text
         if not final:
             text = text.rstrip("\ufffd")  # half a character
             # Hold back a tail that may turn out to be the start of a stop string.
-            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            hold = max((stop_overlap(text, s) for s in self.stops), default=0)
             text = text[: len(text) - hold]
         if len(text) <= self.sent:
             return ""
@@ -331,242 +155,12 @@ class Answer:
         return self.finish_reason is not None
 
 
-# --- HTTP ------------------------------------------------------------------------------------
-
-class Service:
-    """What the HTTP handlers need: the model's name and limits, the tokenizer, the engine."""
-
-    def __init__(self, model, tokenizer, model_id: str, engine: Engine, verbose: bool = False):
-        from .tokenizer_utils import default_eos
-
-        self.model, self.tokenizer, self.model_id, self.engine = model, tokenizer, model_id, engine
-        self.verbose = verbose
-        self.disconnected = 0  # streams whose client went away
-        self.eos = frozenset(default_eos(tokenizer))
-        self.tokenizer_lock = threading.Lock()
-        self.created = int(time.time())
-
-    def job(self, body: dict, chat: bool) -> Job:
-        """Check a request's fields and build its job; RequestError for anything wrong."""
-        from .scheduler import DECODERS, PLAN_AND_INFILL
-        from .decode import settings_for
-        from .presets import PRESETS
-
-        allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
-        unknown = sorted(set(body) - allowed)
-        if unknown:
-            raise RequestError(f"unrecognized request argument: {unknown[0]}", unknown[0])
-        model = body.get("model")
-        if model is not None and model != self.model_id:
-            raise RequestError(f"the model '{model}' does not exist (this server serves '{self.model_id}')",
-                               "model", 404, "model_not_found")
-        if _integer(body, "n", 1) not in (None, 1):
-            raise RequestError("only n=1 is supported", "n")
-        if body.get("user") is not None and not isinstance(body["user"], str):
-            raise RequestError("'user' must be a string", "user")
-        _bool(body, "stream")
-        options = body.get("stream_options")
-        if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
-            raise RequestError("'stream_options' takes only include_usage", "stream_options")
-        if options is not None:
-            _bool(options, "include_usage")
-        prompt = self._prompt(body, chat)
-        preset = _choice(body, "preset", sorted(PRESETS))
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise RequestError(f"'seed' must be an integer, got {json.dumps(seed)}", "seed")
-        max_tokens = _integer(body, "max_tokens", 1)
-        if chat:
-            max_tokens = _integer(body, "max_completion_tokens", 1) or max_tokens
-        knobs = {"gen_length": max_tokens, "slot_size": _integer(body, "slot_size", 1),
-                 "serial_num_blocks": _integer(body, "blocks", 1),
-                 "slot_threshold": _number(body, "slot_threshold", 0.0, 1.0),
-                 "token_threshold": _number(body, "token_threshold", 0.0, 1.0),
-                 "temperature": _number(body, "temperature", 0.0, MAX_TEMPERATURE) or 0.0,
-                 "seed": None if seed is None else seed % 2**32}
-        decoder = _choice(body, "decoder", DECODERS) or PLAN_AND_INFILL
-        _stops(body)
-        # Unset knobs: the preset's, then the model's own, then the library's (as generate);
-        # an unset max_tokens is fitted to the room the prompt leaves.
-        try:
-            settings = settings_for(self.model, len(prompt), preset=preset, **knobs)
-        except RefusionError as e:
-            raise RequestError(str(e)) from None
-        limit = self.model.args.max_position_embeddings
-        if len(prompt) + settings.gen_length > limit:
-            raise RequestError(f"prompt ({len(prompt)} tokens) + max_tokens ({settings.gen_length}) exceeds the "
-                               f"model's {limit} positions", "messages" if chat else "prompt",
-                               code="context_length_exceeded")
-        return Job(prompt, settings, decoder, settings.gen_length, self.eos)
-
-    def _prompt(self, body: dict, chat: bool) -> List[int]:
-        from .tokenizer_utils import prompt_ids
-
-        vocab = self.model.args.vocab_size
-        if chat:
-            messages = _messages(body)
-            try:
-                with self.tokenizer_lock:  # the prompt builder shared with training and generate
-                    ids = prompt_ids(self.tokenizer, messages)
-            except RefusionError as e:
-                raise RequestError(str(e), "messages") from None
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]  # a batch of one
-            if isinstance(prompt, str):
-                with self.tokenizer_lock:
-                    ids = self.tokenizer.encode(prompt)
-            elif (isinstance(prompt, list) and prompt
-                  and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-                if not all(0 <= t < vocab for t in prompt):
-                    raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-                ids = list(prompt)
-            else:
-                raise RequestError("'prompt' must be a string, or a list of token ids", "prompt")
-        if not ids:
-            raise RequestError("the prompt is empty", "messages" if chat else "prompt")
-        return ids
-
-
-class Handler(BaseHTTPRequestHandler):
-    """One HTTP request (its own thread)."""
-
-    service: Service  # set on the subclass made by make_server
-    server_version = "refusion-mlx"
-
-    def log_message(self, format, *args):  # one line per request on stderr, as the base class, quieter
-        if self.service.verbose:
-            super().log_message(format, *args)
-
-    # -- plumbing --
-    def _send_json(self, status: int, payload: dict):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, error: RequestError):
-        self._send_json(error.status, error.body())
-
-    def _event(self, payload) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload)
-        self.wfile.write(f"data: {data}\n\n".encode())
-        self.wfile.flush()
-
-    def do_GET(self):
-        if self.path == "/health":
-            engine = self.service.engine
-            self._send_json(200, {"status": "ok", "running": len(engine.running), "waiting": engine.queued,
-                                  "disconnected": self.service.disconnected})
-        elif self.path == "/v1/models":
-            svc = self.service
-            self._send_json(200, {"object": "list", "data": [
-                {"id": svc.model_id, "object": "model", "created": svc.created, "owned_by": "refusion-mlx"}]})
-        else:
-            self._error(RequestError(f"no such endpoint: GET {self.path}", status=404, code="not_found"))
-
-    def do_POST(self):
-        chat = self.path == "/v1/chat/completions"
-        if not chat and self.path != "/v1/completions":
-            self._error(RequestError(f"no such endpoint: POST {self.path}", status=404, code="not_found"))
-            return
-        try:
-            body = self._body()
-            job = self.service.job(body, chat)
-            stream = _bool(body, "stream")
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            stops = _stops(body)
-            self.service.engine.submit(job)
-        except RequestError as e:
-            self._error(e)
-            return
-        answer = Answer(self.service.tokenizer, self.service.tokenizer_lock, job, stops)
-        reply = Reply(chat, self.service.model_id, job, answer)
-        try:
-            if stream:
-                self._stream(reply, usage)
-            else:
-                self._whole(reply)
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
-            job.cancelled = True  # the client went away: free its sequence
-            self.service.disconnected += 1
-
-    def _body(self) -> dict:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise RequestError("a JSON body with a Content-Length is required") from None
-        if not 0 <= length <= MAX_BODY:
-            raise RequestError(f"the body must be at most {MAX_BODY} bytes")
-        raw = self.rfile.read(length)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"the body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise RequestError("the body must be a JSON object")
-        return body
-
-    def _events(self, job: Job):
-        """The job's commits as they come; raises RequestError if decoding failed."""
-        while True:
-            kind, value = job.events.get()
-            if kind == "commit":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                return
-
-    def _whole(self, reply: "Reply"):
-        try:
-            for positions, tokens in self._events(reply.job):
-                reply.answer.add(positions, tokens)
-                if reply.answer.finished:
-                    reply.job.cancelled = True  # a stop string: nothing more is needed
-        except RequestError as e:
-            self._error(e)
-            return
-        reply.answer.done()
-        self._send_json(200, reply.whole())
-
-    def _stream(self, reply: "Reply", usage: bool):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-        answer = reply.answer
-        if reply.chat:
-            self._event(reply.chunk({"role": "assistant", "content": ""}))
-        try:
-            for positions, tokens in self._events(reply.job):
-                answer.add(positions, tokens)
-                piece = answer.delta(final=answer.finished)
-                if piece:
-                    self._event(reply.chunk(piece))
-                if answer.finished:
-                    reply.job.cancelled = True
-        except RequestError as e:
-            self._event(e.body())
-            return
-        answer.done()
-        piece = answer.delta(final=True)
-        if piece:
-            self._event(reply.chunk(piece))
-        self._event(reply.chunk(None, answer.finish_reason))
-        if usage:
-            self._event(reply.usage_chunk())
-        self._event("[DONE]")
-
-
 class Reply:
-    """OpenAI's response objects for one job."""
+    """OpenAI's response objects for one request's choices."""
 
-    def __init__(self, chat: bool, model_id: str, job: Job, answer: Answer):
-        self.chat, self.model_id, self.job, self.answer = chat, model_id, job, answer
+    def __init__(self, chat: bool, model_id: str, prompt_tokens: int, answers: List[Answer], echo: str = ""):
+        self.chat, self.model_id, self.prompt_tokens, self.answers = chat, model_id, prompt_tokens, answers
+        self.echo = echo  # completions' echo: the prompt before each choice's text
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -575,27 +169,31 @@ class Reply:
                 "choices": choices}
 
     def usage(self) -> dict:
-        prompt, completion = len(self.job.prompt), len(self.answer.tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        completion = sum(a.returned_tokens() for a in self.answers)
+        cached = max(a.job.cached_tokens for a in self.answers)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def whole(self) -> dict:
-        a = self.answer
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": a.text},
-                      "finish_reason": a.finish_reason, "logprobs": None}
-            out = self._envelope("chat.completion", [choice])
-        else:
-            choice = {"index": 0, "text": a.text, "finish_reason": a.finish_reason, "logprobs": None}
-            out = self._envelope("text_completion", [choice])
+        choices = []
+        for i, a in enumerate(self.answers):
+            if self.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": a.text},
+                                "finish_reason": a.finish_reason, "logprobs": None})
+            else:
+                choices.append({"index": i, "text": self.echo + a.text, "finish_reason": a.finish_reason,
+                                "logprobs": None})
+        out = self._envelope("chat.completion" if self.chat else "text_completion", choices)
         out["usage"] = self.usage()
         return out
 
-    def chunk(self, content, finish_reason: Optional[str] = None) -> dict:
+    def chunk(self, index: int, content, finish_reason: Optional[str] = None) -> dict:
         if self.chat:
             delta = content if isinstance(content, dict) else ({} if content is None else {"content": content})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
             return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": 0, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
         return self._envelope("text_completion", [choice])
 
     def usage_chunk(self) -> dict:
@@ -604,40 +202,554 @@ class Reply:
         return out
 
 
-class Server(ThreadingHTTPServer):
-    """The standard library's threading server with a listen backlog for many clients at once."""
+# --- from a request body to jobs ----------------------------------------------------------------
 
-    daemon_threads = True
-    request_queue_size = 256  # the default 5 drops connections when a burst of clients arrives
+class Events:
+    """A job's event sink: the engine's thread puts, the HTTP event loop gets (tagged with the
+    choice's index) from one queue per request."""
+
+    def __init__(self, loop, queue: "asyncio.Queue", index: int):
+        self.loop, self.queue, self.index = loop, queue, index
+
+    def put(self, event):
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, event))
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            pass
+
+
+def _request_error(e: RefusionError, chat: bool) -> RequestError:
+    """A library error about a request's knobs, in the request's names."""
+    message = str(e)
+    for name, field in REQUEST_NAMES.items():
+        message = message.replace(name, field)
+    if "exceeds the model's max_position_embeddings" in message and "slot_size (" not in message:
+        return RequestError(message, "messages" if chat else "prompt", code="context_length_exceeded")
+    named = [n for n in ("slot_size", "blocks", "max_tokens", "slot_threshold", "token_threshold",
+                         "temperature", "seed", "preset", "top_p", "top_k", "min_p") if message.startswith(n) or f"{n} (" in message
+             or f"'{n}" in message or f"{n} must" in message]
+    return RequestError(message, named[0] if named else None)
+
+
+class Service:
+    """What the HTTP handlers need: the model's name and limits, the tokenizer, the engine."""
+
+    def __init__(self, model, tokenizer, model_id: str, engine: Engine):
+        from .tokenizer_utils import default_eos
+
+        self.model, self.tokenizer, self.model_id, self.engine = model, tokenizer, model_id, engine
+        self.disconnected = 0  # requests whose client went away before their answer
+        self.eos = frozenset(default_eos(tokenizer))
+        self.positions = model.args.max_position_embeddings
+        # A token never spans more bytes than the vocabulary's longest entry (byte-level BPE: one
+        # character per byte): text longer than positions x that cannot fit, tokenized or not.
+        try:
+            self.token_bytes = max(len(t.encode("utf-8")) for t in tokenizer.get_vocab())
+        except Exception:  # a tokenizer without a vocabulary to read: measure after tokenizing only
+            self.token_bytes = None
+        self.prompt_lock = threading.Lock()  # one prompt tokenized at a time, never with decoding's
+        self.created = int(time.time())
+
+    def check_model(self, name: Optional[str]):
+        if name is not None and name.lower() not in (self.model_id.lower(), MODEL_ALIAS):
+            raise RequestError(f"the model '{name}' does not exist (this server serves '{self.model_id}')",
+                               "model", 404, "model_not_found")
+
+    def settings(self, request, chat: bool, prompt_length: int):
+        """The request's DecodeSettings, checked against the model for a prompt of that length."""
+        from .decode import settings_for
+
+        max_tokens = request.max_tokens
+        if chat and request.max_completion_tokens is not None:
+            max_tokens = request.max_completion_tokens
+        knobs = {"gen_length": max_tokens, "slot_size": request.slot_size,
+                 "serial_num_blocks": request.blocks, "slot_threshold": request.slot_threshold,
+                 "token_threshold": request.token_threshold, "temperature": request.temperature or 0.0,
+                 "seed": request.seed, "top_p": request.top_p, "min_p": request.min_p,
+                 "top_k": None if request.top_k is None else max(request.top_k, 0)}
+        try:
+            return settings_for(self.model, prompt_length, preset=request.preset, **knobs)
+        except RefusionError as e:
+            raise _request_error(e, chat) from None
+
+    def check_before_tokenizing(self, request, chat: bool):
+        """Everything that can be refused without tokenizing: the knobs (for the shortest prompt)
+        and the prompt's size in bytes."""
+        from .batch import DECODERS
+        from .openai_api import prompt_text_bytes
+
+        if request.decoder is not None and request.decoder not in DECODERS:
+            raise RequestError(f"'decoder' must be one of {', '.join(DECODERS)}; got {request.decoder!r}", "decoder")
+        n = request.n or 1
+        if n > self.engine.max_concurrency:  # one request never holds more than the whole batch
+            raise RequestError(f"'n' must be at most {self.engine.max_concurrency} here (--max-concurrency)", "n")
+        settings = self.settings(request, chat, 1)
+        if request.seed is not None and request.n:
+            self.settings(request.model_copy(update={"seed": request.seed + request.n - 1}), chat, 1)
+        size = prompt_text_bytes(request, chat)
+        if self.token_bytes and size > self.positions * self.token_bytes:
+            raise RequestError(f"the prompt ({size} bytes) cannot fit the model's {self.positions} positions",
+                               "messages" if chat else "prompt", code="context_length_exceeded")
+        if not chat and isinstance(request.prompt, list) and request.prompt and len(request.prompt) > self.positions:
+            raise RequestError(f"the prompt ({len(request.prompt)} token ids) exceeds the model's {self.positions} "
+                               "positions", "prompt", code="context_length_exceeded")
+        return settings
+
+    def tokenize(self, request, chat: bool) -> List[int]:
+        """The prompt's token ids (in a worker thread: never on the event loop, never under a lock
+        that decoding takes)."""
+        from .openai_api import messages
+        from .tokenizer_utils import prompt_ids
+
+        vocab = self.model.args.vocab_size
+        where = "messages" if chat else "prompt"
+        if chat:
+            chat_messages = messages(request)
+            thinking = (request.chat_template_kwargs or {}).get("enable_thinking", True)
+            try:
+                with self.prompt_lock:  # the prompt builder shared with training and generate
+                    ids = prompt_ids(self.tokenizer, chat_messages, enable_thinking=bool(thinking))
+            except RefusionError as e:
+                raise RequestError(str(e), where) from None
+        else:
+            prompt = request.prompt
+            if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+                if len(prompt) > 1:
+                    raise RequestError("a list of prompts is not supported: send one prompt per request "
+                                       "(n asks for several answers)", "prompt")
+                prompt = prompt[0]
+            if isinstance(prompt, str):
+                with self.prompt_lock:
+                    ids = self.tokenizer.encode(prompt)
+            elif isinstance(prompt, list) and prompt:
+                if not all(0 <= t < vocab for t in prompt):
+                    raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+                ids = list(prompt)
+            else:
+                raise RequestError("'prompt' must be a non-empty string, or a list of token ids", "prompt")
+        if not ids:
+            raise RequestError("the prompt is empty", where)
+        return ids
+
+    def jobs(self, request, chat: bool, ids: List[int], loop, queue) -> List[Job]:
+        """One job per choice; choice i samples with seed + i."""
+        from .batch import PLAN_AND_INFILL
+
+        settings = self.settings(request, chat, len(ids))
+        if len(ids) + settings.gen_length > self.positions:  # an unset max_tokens left no room
+            raise RequestError(f"the prompt ({len(ids)} tokens) leaves no room in the model's {self.positions} "
+                               "positions", "messages" if chat else "prompt", code="context_length_exceeded")
+        decoder = request.decoder or PLAN_AND_INFILL
+        out = []
+        for i in range(request.n or 1):
+            s = settings if settings.seed is None else replace(settings, seed=settings.seed + i)
+            out.append(Job(ids, s, decoder, s.gen_length, self.eos, events=Events(loop, queue, i)))
+        return out
+
+    def submit(self, jobs: List[Job]):
+        engine = self.engine
+        if engine.queued + len(jobs) > engine.max_queue:
+            raise RequestError("too many requests waiting; retry later", status=429, kind="server_error",
+                               code="queue_full")
+        for job in jobs:
+            engine.submit(job)
+
+
+# --- HTTP ------------------------------------------------------------------------------------
+
+def error_response(error: RequestError, headers: Optional[dict] = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+async def read_json(request) -> dict:
+    """The body as a JSON object: its size checked before it is read whole, deep nesting, huge
+    numbers, NaN and lone surrogates refused, each as one RequestError."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        raise RequestError(f"the body must be at most {MAX_BODY} bytes", status=413, code="body_too_large")
+    chunks, size = [], 0
+
+    async def read():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise RequestError(f"the body must be at most {MAX_BODY} bytes", status=413, code="body_too_large")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), BODY_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise RequestError("the body took too long to arrive", status=408, code="timeout") from None
+    try:
+        body = json.loads(b"".join(chunks), parse_constant=_refuse_constant)
+    except RecursionError:
+        raise RequestError("the body is not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # also bad UTF-8 and numbers of more digits than Python converts
+        raise RequestError(f"the body is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError("the body holds a lone surrogate (\\ud800-\\udfff): not valid UTF-8 text") from None
+    return body
+
+
+async def wait_for_disconnect(request):
+    """Return once the client has gone (its body was read already: the next message is that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def sse(payload) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class App:
+    """The Starlette application over one Service."""
+
+    def __init__(self, service: Service, cors_origins: Sequence[str] = ()):
+        self.service = service
+        self.cors_origins = list(cors_origins)
+
+    def build(self):
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
+        from starlette.routing import Route
+
+        routes = [Route("/health", self.health, methods=["GET"])]
+        for prefix in ("/v1", ""):
+            routes += [Route(prefix + "/models", self.models, methods=["GET"]),
+                       Route(prefix + "/models/{model_id:path}", self.model, methods=["GET"]),
+                       Route(prefix + "/chat/completions", self.chat, methods=["POST"]),
+                       Route(prefix + "/completions", self.completions, methods=["POST"])]
+        class CORS(CORSMiddleware):
+            """Starlette's CORS, with a refused preflight in OpenAI's error shape too."""
+
+            def preflight_response(self, request_headers):
+                response = super().preflight_response(request_headers)
+                if response.status_code == 200:
+                    return response
+                error = RequestError(response.body.decode(), status=response.status_code, code="cors")
+                return error_response(error, {k: v for k, v in response.headers.items()
+                                              if k.lower().startswith("access-control-")})
+
+        middleware = []
+        if self.cors_origins:
+            middleware.append(Middleware(CORS, allow_origins=self.cors_origins,
+                                         allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                                         max_age=600))
+        return Starlette(routes=routes, middleware=middleware,
+                         exception_handlers={HTTPException: self.http_error, Exception: self.server_error})
+
+    # -- errors --
+    async def http_error(self, request, exc):
+        """Starlette's own errors (no route: 404, wrong method: 405) in OpenAI's shape."""
+        path = request.url.path
+        what = f"{request.method} {path if len(path) <= 200 else path[:200] + '...'}"
+        if exc.status_code == 404:
+            error = RequestError(f"no such endpoint: {what}", status=404, code="not_found")
+        elif exc.status_code == 405:
+            error = RequestError(f"method not allowed: {what}", status=405, code="method_not_allowed")
+        else:
+            error = RequestError(str(exc.detail), status=exc.status_code)
+        return error_response(error, exc.headers)
+
+    async def server_error(self, request, exc):
+        log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return error_response(RequestError("internal server error", status=500, kind="server_error"))
+
+    # -- GET --
+    async def health(self, request):
+        from starlette.responses import JSONResponse
+
+        engine, svc = self.service.engine, self.service
+        return JSONResponse({"status": "ok", "running": len(engine.running), "waiting": engine.queued,
+                             "disconnected": svc.disconnected})
+
+    def _model_card(self) -> dict:
+        svc = self.service
+        return {"id": svc.model_id, "object": "model", "created": svc.created, "owned_by": "refusion-mlx"}
+
+    async def models(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request):
+        from starlette.responses import JSONResponse
+
+        try:
+            self.service.check_model(request.path_params["model_id"])
+        except RequestError as e:
+            return error_response(e)
+        return JSONResponse(self._model_card())
+
+    # -- POST --
+    async def chat(self, request):
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request):
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request, chat: bool):
+        from starlette.concurrency import run_in_threadpool
+
+        from .openai_api import parse, stops
+
+        svc = self.service
+        try:
+            body = await read_json(request)
+            parsed = parse(body, chat)
+            svc.check_model(parsed.model)
+            svc.check_before_tokenizing(parsed, chat)
+            ids = await run_in_threadpool(svc.tokenize, parsed, chat)
+            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+            jobs = svc.jobs(parsed, chat, ids, loop, queue)
+            echo = ""
+            if not chat and parsed.echo:
+                echo = parsed.prompt if isinstance(parsed.prompt, str) else (
+                    parsed.prompt[0] if isinstance(parsed.prompt[0], str) else svc.tokenizer.decode(ids))
+            svc.submit(jobs)
+        except RequestError as e:
+            return error_response(e)
+        answers = [Answer(svc.tokenizer, job, stops(parsed)) for job in jobs]
+        reply = Reply(chat, svc.model_id, len(ids), answers, echo)
+        if parsed.stream:
+            from starlette.responses import StreamingResponse
+
+            usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+            return StreamingResponse(self._stream(reply, jobs, queue, usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await self._whole(request, reply, jobs, queue)
+
+    def _left(self, jobs: List[Job], why: str):
+        """The client went away: free its sequences, say so in one line."""
+        for job in jobs:
+            job.cancelled = True
+        self.service.disconnected += 1
+        log.info("a client left before its answer (%s); its sequences are cancelled", why)
+
+    async def _whole(self, request, reply: Reply, jobs: List[Job], queue):
+        from starlette.responses import JSONResponse, Response
+
+        gone = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            while not all(a.finished for a in reply.answers):
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    self._left(jobs, "while its answer was decoded")
+                    return Response(status_code=499)  # nobody reads it
+                index, event = get.result()
+                answer = reply.answers[index]
+                if isinstance(event, Failed):
+                    for job in jobs:
+                        job.cancelled = True
+                    return error_response(event.error)
+                if isinstance(event, Committed):
+                    answer.add(event.positions, event.tokens)
+                else:
+                    answer.done()
+                if answer.finished:
+                    jobs[index].cancelled = True  # a stop string or max_tokens: nothing more is needed
+        finally:
+            gone.cancel()
+        return JSONResponse(reply.whole())
+
+    async def _stream(self, reply: Reply, jobs: List[Job], queue, usage: bool):
+        complete = False
+        try:
+            for i in range(len(jobs)):
+                if reply.chat:
+                    yield sse(reply.chunk(i, {"role": "assistant", "content": ""}))
+                elif reply.echo:
+                    yield sse(reply.chunk(i, reply.echo))
+            open_choices = set(range(len(jobs)))
+            while open_choices:
+                index, event = await queue.get()
+                if index not in open_choices:
+                    continue
+                answer = reply.answers[index]
+                if isinstance(event, Failed):
+                    complete = True
+                    yield sse(event.error.body())
+                    return
+                if isinstance(event, Committed):
+                    answer.add(event.positions, event.tokens)
+                else:
+                    answer.done()
+                piece = answer.delta(final=answer.finished)
+                if piece:
+                    yield sse(reply.chunk(index, piece))
+                if answer.finished:
+                    jobs[index].cancelled = True
+                    open_choices.discard(index)
+                    yield sse(reply.chunk(index, None, answer.finish_reason))
+            if usage:
+                yield sse(reply.usage_chunk())
+            yield sse("[DONE]")
+            complete = True
+        finally:
+            if complete:
+                for job in jobs:
+                    job.cancelled = True
+            else:
+                self._left(jobs, "mid-stream")
+
+
+def h11_protocol():
+    """uvicorn's h11 protocol, with OpenAI's JSON for the errors it answers itself (a request h11
+    cannot parse: 400; a head over MAX_HEAD: 431) and a deadline for every request head."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.protocol_error = None
+            self.head_timer = None
+            next_event = self.conn.next_event
+
+            def watched():  # keeps h11's reason and status, which uvicorn drops
+                try:
+                    event = next_event()
+                except h11.RemoteProtocolError as e:
+                    self.protocol_error = e
+                    raise
+                if isinstance(event, h11.Request):
+                    if self.head_timer is not None:
+                        self.head_timer.cancel()
+                    # h11 bounds only a head that arrives in pieces; one that came whole is measured here.
+                    if len(event.target) > MAX_TARGET:
+                        self.protocol_error = h11.RemoteProtocolError("request target too long", 414)
+                        raise self.protocol_error
+                    if len(event.target) + sum(len(k) + len(v) for k, v in event.headers) > MAX_HEAD:
+                        self.protocol_error = h11.RemoteProtocolError("request head too large", 431)
+                        raise self.protocol_error
+                return event
+
+            self.conn.next_event = watched
+
+        def _arm(self):
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_timeout)
+
+        def _head_timeout(self):
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc):
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def send_400_response(self, msg: str):
+            e = self.protocol_error
+            status = getattr(e, "error_status_hint", 400) if e is not None else 400
+            error = RequestError(f"invalid HTTP request: {e or msg}", status=status, code="invalid_http_request")
+            data = json.dumps(error.body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                       (b"connection", b"close")]
+            try:
+                self.transport.write(self.conn.send(h11.Response(status_code=status, headers=headers)))
+                self.transport.write(self.conn.send(h11.Data(data=data)))
+                self.transport.write(self.conn.send(h11.EndOfMessage()))
+            except h11.LocalProtocolError:  # the request broke too early for h11 to answer it
+                pass
+            self.transport.close()
+
+    return Protocol
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise RefusionError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.setblocking(False)
+    return sock
 
 
 def make_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8080,
                 max_concurrency: int = DEFAULT_MAX_CONCURRENCY, max_queue: int = DEFAULT_MAX_QUEUE,
-                verbose: bool = False):
-    """An HTTP server (not yet serving) and its engine (not yet running)."""
-    engine = Engine(model, max_concurrency, max_queue)
-    service = Service(model, tokenizer, model_id, engine, verbose)
-    handler = type("BoundHandler", (Handler,), {"service": service})
-    try:
-        httpd = Server((host, port), handler)
-    except OSError as e:
-        raise RefusionError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return httpd, engine
+                verbose: bool = False, cors_origins: Sequence[str] = (), prompt_cache_size: int = 0,
+                prompt_cache_bytes: Optional[int] = None, max_kv_size: Optional[int] = None,
+                keep_answers: bool = True):
+    """(uvicorn server, its listening socket, engine): nothing serving or running yet.
+
+    ``prompt_cache_size`` > 0 keeps that many finished requests' KV caches (at most
+    ``prompt_cache_bytes``) for later requests that share their prefix."""
+    import uvicorn
+
+    from .kv.store import PromptCacheStore
+
+    store = PromptCacheStore(prompt_cache_size, prompt_cache_bytes) if prompt_cache_size else None
+    engine = Engine(model, max_concurrency, max_queue, store, max_kv_size, keep_answers)
+    service = Service(model, tokenizer, model_id, engine)
+    sock = listening_socket(host, port)
+    config = uvicorn.Config(App(service, cors_origins).build(), http=h11_protocol(), lifespan="off", ws="none",
+                            log_config=None, access_log=verbose, server_header=False,
+                            timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=3,
+                            h11_max_incomplete_event_size=MAX_HEAD)
+    return uvicorn.Server(config), sock, engine
 
 
 # --- command line ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog=prog("server"),
+    parser = ArgumentParser(prog="python -m refusion_mlx.server",
                             description="Serve ReFusion over an OpenAI-compatible HTTP API.")
     parser.add_argument("--model", help="local folder or Hugging Face repo id; default: the packaged demo model")
     parser.add_argument("--adapter-path", help="folder with fine-tuned adapters")
+    parser.add_argument("--served-model-name",
+                        help="the model's id for clients (default: the folder's name, the repo id, or demo)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8080, help="port (0: any free one; the address is printed)")
     parser.add_argument("--max-concurrency", type=int, default=DEFAULT_MAX_CONCURRENCY,
                         help="sequences decoded at once; more requests wait in a queue")
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                        help="requests allowed to wait; beyond that a request gets 429")
+                        help="sequences allowed to wait; beyond that a request gets 429")
+    parser.add_argument("--prompt-cache-size", type=int, default=DEFAULT_PROMPT_CACHE_SIZE,
+                        help="finished requests whose KV caches are kept for later requests sharing their "
+                             f"prefix (least recently used dropped first; 0: none; default {DEFAULT_PROMPT_CACHE_SIZE})")
+    parser.add_argument("--prompt-cache-bytes", type=int,
+                        help="most bytes the kept KV caches may take (default: no limit beyond their number)")
+    parser.add_argument("--max-kv-size", type=int,
+                        help="bound every request's KV cache to this many entries (the first few and the most "
+                             "recent kept)")
+    parser.add_argument("--reprefill-answers", action="store_true",
+                        help="a kept cache is reused up to the prompts it was fed, never through an answer "
+                             "(exactly a fresh prefill's tokens; answers are fed again)")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let browser pages from ORIGIN call the server (repeatable; '*': any); default: none")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="cast the weights")
     parser.add_argument("--verbose", action="store_true", help="log every request on stderr")
     return parser
@@ -647,17 +759,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_command(serve, build_parser().parse_args(argv))
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+def served_name(model: Optional[str]) -> str:
+    """What clients see as the model's id: never a local path (the folder's name instead)."""
+    from .loading import DEMO_MODEL_NAME, is_demo
+
+    if is_demo(model):
+        return DEMO_MODEL_NAME
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
 
 
 def serve(args) -> int:
-    from .loading import DEMO_MODEL_NAME, is_demo, load
+    from .loading import load
 
     if args.max_concurrency < 1 or args.max_queue < 1:
         raise RefusionError("--max-concurrency and --max-queue must be positive")
+    if args.prompt_cache_size < 0 or (args.prompt_cache_bytes is not None and args.prompt_cache_bytes < 1):
+        raise RefusionError("--prompt-cache-size must be >= 0 and --prompt-cache-bytes positive")
+    if args.max_kv_size is not None and args.max_kv_size < 1:
+        raise RefusionError(f"--max-kv-size must be a positive integer, got {args.max_kv_size}")
     if not 0 <= args.port <= 65535:
         raise RefusionError(f"--port must be in [0, 65535], got {args.port}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise RefusionError("--served-model-name must not be empty")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("uvicorn.error").setLevel(logging.INFO if args.verbose else logging.ERROR)
     for name, size in CUDA_CACHE_SIZES.items():  # read by MLX's CUDA backend on first use
         os.environ.setdefault(name, str(size))
     model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
@@ -665,22 +792,26 @@ def serve(args) -> int:
     # out of the collector's sight, a full collection no longer stalls every sequence for ~0.1 s.
     gc.collect()
     gc.freeze()
-    model_id = DEMO_MODEL_NAME if is_demo(args.model) else args.model
-    httpd, engine = make_server(model, tokenizer, model_id, args.host, args.port,
-                                args.max_concurrency, args.max_queue, args.verbose)
-    # SIGTERM ends the server the way Ctrl-C does.
-    signal.signal(signal.SIGTERM, _interrupt)
-    http_thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
+    model_id = args.served_model_name or served_name(args.model)
+    server, sock, engine = make_server(model, tokenizer, model_id, args.host, args.port, args.max_concurrency,
+                                       args.max_queue, args.verbose, args.cors_origin, args.prompt_cache_size,
+                                       args.prompt_cache_bytes, args.max_kv_size, not args.reprefill_answers)
+    # From here on SIGTERM and SIGINT only ask the engine to stop: whenever they come (even before
+    # the banner is out), the server winds down the same way and exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: engine.halt())
+    http_thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
     http_thread.start()
-    host, port = httpd.server_address[:2]
-    print(f"serving {model_id} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {model_id} on http://{shown}:{port}/v1 (Ctrl-C stops)", flush=True)
     try:
         engine.run()
-    except KeyboardInterrupt:
-        print("shutting down", file=sys.stderr, flush=True)
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        print("shutting down", file=sys.stderr, flush=True)
+        server.should_exit = True
+        http_thread.join(timeout=10)
+        sock.close()
     return 0
 
 

@@ -70,3 +70,14 @@ def tiny_tokenizer_model(tiny_path):
     from refusion_mlx import load
 
     return load(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def server():
+    """One server on the demo model for the server's test modules (CORS on for one origin)."""
+    from serving import CORS_ORIGIN, Server
+
+    s = Server("--max-concurrency", "4", "--cors-origin", CORS_ORIGIN)
+    yield s
+    code, err = s.stop()
+    assert code == 0 and "Traceback" not in err, err

@@ -91,6 +91,7 @@ def test_presets_set_the_papers_knobs():
     (["--temp", "-1"], "--temp must be >= 0"),
     (["--prompt", "   "], "the prompt is empty"),
     (["--max-tokens", "1024", "--slot-size", "8", "--blocks", "1"], "max_position_embeddings"),
+    (["--max-tokens", "8", "--slot-size", "1", "--blocks", "1000000000"], "--slot-size (1) x --blocks"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_path, capsys, extra, message):
     args = ["--model", str(tiny_path), "--prompt", "hi", *FAST, *extra]

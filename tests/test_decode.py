@@ -13,6 +13,7 @@ from refusion_mlx.decode import (
     first_eos,
     generation_tpf,
     generate_step,
+    settings_for,
     start_state,
     update_tags,
 )
@@ -72,6 +73,18 @@ def test_bad_knobs_are_refused(tiny_model, knobs, message):
 def test_prompt_plus_generation_must_fit_positions(tiny_model):
     with pytest.raises(RefusionError, match="max_position_embeddings"):
         generate_ids(tiny_model, list(range(100)) * 10, gen_length=64, slot_size=8)
+
+
+def test_padding_knobs_are_bounded_by_the_positions_before_anything_is_allocated(tiny_model):
+    """slot_size x blocks rounds gen_length up: a unit larger than the model's positions would size
+    the cache to it (a billion blocks asked for 768 GB); it is refused, naming both knobs."""
+    limit = tiny_model.args.max_position_embeddings
+    with pytest.raises(RefusionError, match=r"slot_size \(1\) x serial_num_blocks \(1000000000\)"):
+        generate_ids(tiny_model, [1, 2, 3], gen_length=8, slot_size=1, serial_num_blocks=10**9)
+    with pytest.raises(RefusionError, match="max_position_embeddings"):
+        settings_for(tiny_model, 3, gen_length=8, slot_size=limit + 1, serial_num_blocks=1)
+    # A unit that fits is fine even when the padding runs past the positions (nothing there is returned).
+    assert len(generate_ids(tiny_model, [1, 2, 3], gen_length=8, slot_size=4, serial_num_blocks=2).tokens) == 8
 
 
 def test_empty_prompt_is_refused(tiny_model):

@@ -12,6 +12,7 @@ import time
 import openai
 import pytest
 from conftest import with_root_on_path
+from serving import Server
 
 from refusion_mlx.autoregressive import generate_ar_ids
 from refusion_mlx.decode import generate_ids
@@ -21,52 +22,6 @@ from refusion_mlx.tokenizer_utils import prompt_ids
 ADD = "What is 682 + 459? Work column by column."
 SORT = "Sort these numbers from smallest to largest: 512, 47, 903, 268, 131"
 REVERSE = "Reverse the order of the words: apple river stone cloud"
-
-
-class Server:
-    """``python -m refusion_mlx.server --port 0`` in a subprocess; the port is read from its first line."""
-
-    def __init__(self, *flags):
-        env = {**os.environ, "PYTHONPATH": with_root_on_path()}
-        self.process = subprocess.Popen([sys.executable, "-m", "refusion_mlx.server", "--port", "0", *flags],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        line = self.process.stdout.readline()
-        if "http://" not in line:
-            self.process.kill()
-            raise RuntimeError(f"server did not start: {line!r} {self.process.stderr.read()}")
-        self.url = line.split()[3]  # http://127.0.0.1:PORT/v1
-        self.host, self.port = self.url.split("//")[1].split("/")[0].split(":")
-        self.client = openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=120)
-
-    def raw(self, method, path, body=None, headers=None):
-        """(status, parsed JSON) of one plain HTTP request."""
-        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=60)
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        data = response.read()
-        conn.close()
-        return response.status, json.loads(data)
-
-    def health(self):
-        return self.raw("GET", "/health")[1]
-
-    def stop(self):
-        """Ctrl-C; returns (exit status, stderr)."""
-        self.process.send_signal(signal.SIGINT)
-        try:
-            _, err = self.process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise
-        return self.process.returncode, err
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = Server("--max-concurrency", "4")
-    yield s
-    code, err = s.stop()
-    assert code == 0 and "Traceback" not in err, err
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +91,16 @@ def test_seeds_make_sampling_reproducible(server):
     assert len({sample(s) for s in (5, 6, 7)}) > 1
     assert sample(5, 0.0) == sample(6, 0.0)  # greedy: the seed plays no part
 
+    def truncated(seed, **knobs):
+        return server.client.completions.create(model="demo", prompt=REVERSE, temperature=1.0, seed=seed,
+                                                max_tokens=16, extra_body=knobs).choices[0].text
+
+    assert truncated(5, top_k=1) == truncated(6, top_k=1) == sample(5, 0.0)  # one token left: greedy's
+    nucleus = server.client.completions.create(model="demo", prompt=REVERSE, temperature=1.0, seed=5, top_p=0.9,
+                                               max_tokens=16).choices[0].text
+    assert nucleus == server.client.completions.create(model="demo", prompt=REVERSE, temperature=1.0, seed=5,
+                                                       top_p=0.9, max_tokens=16).choices[0].text
+
 
 def test_knobs_and_decoder_per_request(server, demo):
     model, tokenizer = demo
@@ -160,6 +125,75 @@ def test_stop_strings_end_the_answer(server):
     assert cut.choices[0].finish_reason == "stop"
     streamed = chat(server, ADD, stop="carry", stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole[: whole.index("carry")]
+
+
+def test_usage_counts_only_the_tokens_returned(server, demo):
+    """A stop string cuts the answer: completion_tokens counts the tokens of what is returned."""
+    _, tokenizer = demo
+    whole = chat(server, ADD)
+    text = whole.choices[0].message.content
+    cut = chat(server, ADD, stop="carry")
+    returned = cut.choices[0].message.content
+    assert returned == text[: text.index("carry")]
+    assert cut.usage.completion_tokens < whole.usage.completion_tokens
+    # The returned text is the decoding of exactly that many of the answer's tokens (and no fewer).
+    ids = generate_ids(demo[0], prompt_ids(tokenizer, ADD), eos_token_id=sorted(tokenizer.eos_token_ids)).tokens
+    n = cut.usage.completion_tokens
+    assert decoded(tokenizer, ids[:n]).startswith(returned) and len(decoded(tokenizer, ids[: n - 1])) < len(returned)
+
+
+def test_what_frontends_send_is_accepted(server):
+    """Fields OpenAI clients and frontends send with neutral values, roles developer and tool,
+    content as parts or null, max_completion_tokens, n > 1, the model alias in any case."""
+    messages = [{"role": "developer", "content": "Answer briefly."},
+                {"role": "user", "content": [{"type": "text", "text": "What is 682 + 459? "},
+                                             {"type": "text", "text": "Work column by column."}]},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "1141"}]
+    reply = server.client.chat.completions.create(
+        model="DEFAULT_MODEL", messages=messages, max_completion_tokens=24, top_p=1, frequency_penalty=0,
+        presence_penalty=0, logprobs=False, response_format={"type": "text"}, parallel_tool_calls=True,
+        store=False, user="u1", n=2, temperature=0.8, seed=3, metadata={"a": "b"},
+        stream_options=None, extra_body={"top_k": 0, "min_p": 0, "tools": None, "tool_choice": "none"})
+    assert [c.index for c in reply.choices] == [0, 1] and reply.model == "demo"
+    assert all(c.finish_reason in ("stop", "length") for c in reply.choices)
+    assert 0 < reply.usage.completion_tokens <= 48
+    # n choices sample with seeds seed, seed+1: each is what a request with that seed gets alone.
+    alone = [server.client.chat.completions.create(model="Demo", messages=messages, max_completion_tokens=24,
+                                                   temperature=0.8, seed=seed).choices[0].message.content
+             for seed in (3, 4)]
+    assert [c.message.content for c in reply.choices] == alone
+
+
+def test_n_choices_stream_with_their_index(server):
+    chunks = list(server.client.completions.create(model="demo", prompt=REVERSE, max_tokens=12, n=3, stream=True,
+                                                   temperature=1.0, seed=9))
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
+    whole = server.client.completions.create(model="demo", prompt=REVERSE, max_tokens=12, n=3, temperature=1.0,
+                                             seed=9)
+    assert texts == [c.text for c in whole.choices]
+    echoed = server.client.completions.create(model="demo", prompt=REVERSE, max_tokens=4, echo=True)
+    assert echoed.choices[0].text.startswith(REVERSE)
+
+
+def test_models_retrieve_and_routes_without_v1(server):
+    assert server.client.models.retrieve("demo").id == "demo"
+    with pytest.raises(openai.NotFoundError):
+        server.client.models.retrieve("gpt-4")
+    bare = openai.OpenAI(base_url=server.url[: -len("/v1")], api_key="unused", max_retries=0, timeout=120)
+    assert bare.chat.completions.create(model="demo", messages=[{"role": "user", "content": ADD}],
+                                        max_tokens=8).choices[0].finish_reason == "length"
+    assert [m.id for m in bare.models.list().data] == ["demo"]
+
+
+def test_the_served_id_is_never_a_local_path(tiny_path):
+    from refusion_mlx.server import served_name
+
+    assert served_name(str(tiny_path)) == tiny_path.name
+    assert served_name(str(tiny_path) + "/") == tiny_path.name
+    assert served_name("GSAI-ML/ReFusion") == "GSAI-ML/ReFusion"  # a repo id is not a path here
+    assert served_name(None) == "demo"
 
 
 def test_concurrent_clients_get_what_they_get_alone(server):
@@ -210,14 +244,27 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "decoder": "x"}, 400, "decoder"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, 400, "stop"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n=1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "'n'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "min_p": 2}, 400, "min_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400,
+     "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
+     "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "only text parts"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "seed": 2**100}, 400, "seed"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "wat": 1}, 400, "wat"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 7}]}, 400, "content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 600}]}, 400, "positions"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 600}]}, 400,
+     "max_position_embeddings"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}, 400,
-     "positions"),
+     "max_position_embeddings"),
     ("/v1/completions", {"prompt": 5}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, "token ids"),
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
@@ -226,7 +273,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("path, body, status, words", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize("path, body, status, words", BAD, ids=[f"{i}" for i, b in enumerate(BAD)])
 def test_bad_requests_get_openai_errors(server, path, body, status, words):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     got, reply = server.raw("POST", path, raw, {"Content-Type": "application/json"})
@@ -281,6 +328,12 @@ def test_ctrl_c_stops_cleanly_while_decoding():
     thread.join(timeout=30)
     assert code == 0 and "shutting down" in err and "Traceback" not in err, err
     assert not thread.is_alive() and outcome  # the client got an answer or an error, never a hang
+
+
+def test_sigterm_right_after_the_banner_exits_0():
+    s = Server()
+    code, err = s.stop(signal.SIGTERM)
+    assert code == 0 and "Traceback" not in err and "interrupted" not in err, err
 
 
 def test_bad_flags_are_one_line():
