@@ -13,7 +13,8 @@ with quiet_interrupt(started_as_command()):
 
     from .autoregressive import generate_ar_ids
     from .batch import batch_generate, batch_generate_ids
-    from .decode import DecodeSettings, generate_ids
+    from .decode import generate_ids
+    from .settings import DecodeSettings
     from .transcript import GenerationResult
     from .errors import RefusionError
     from .kv import make_prompt_cache

@@ -12,8 +12,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-from .decode import (DecodeSettings, DecodeState, bounded_cache, finish, make_room, open_cache, resolve_eos,
-                     run_steps)
+from .decode import DecodeState, bounded_cache, finish, make_room, open_cache, resolve_eos, run_steps
+from .settings import DecodeSettings
 from .forwards import request, to_host
 from .kv import PromptCache
 from .transcript import Commit, GenerationResult, Transcript

@@ -12,7 +12,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .decode import resolve_eos, settings_for
+from .decode import resolve_eos
+from .settings import settings_for
 from .errors import RefusionError
 from .kv import PromptCache
 from .scheduler import DECODERS, LEFT_TO_RIGHT, PLAN_AND_INFILL, Scheduler

@@ -29,7 +29,8 @@ from mlx.utils import tree_flatten
 
 from .autoregressive import generate_ar_ids
 from .kv import SlotCache
-from .decode import DecodeSettings, generate_ids
+from .decode import generate_ids
+from .settings import DecodeSettings
 from .transcript import GenerationResult
 from .cli import ArgumentParser, prog, run_command
 from .errors import RefusionError

@@ -40,7 +40,8 @@ def user_turns(tokenizer, model, count: int, length: int) -> List[List[int]]:
 
 def decode_turn(model, prompt: Sequence[int], knobs: dict, prompt_cache=None) -> dict:
     """One turn: time to first token (the output's first position final), total time, the answer."""
-    from .decode import generate_step, settings_for, start_state
+    from .decode import generate_step, start_state
+    from .settings import settings_for
     from .transcript import Transcript
 
     knobs = dict(knobs)

@@ -9,17 +9,13 @@ import sys
 from typing import Callable, Dict, Optional
 
 from .errors import RefusionError
+from .settings import KNOB_TABLE
 from .utils import DTYPES
 
 # The decoder's argument names as the command line spells them: errors raised by the library
 # name arguments; the same error seen from a command line names the flag to change.
 FLAG_NAMES: Dict[str, str] = {
-    "gen_length": "--max-tokens",
-    "slot_size": "--slot-size",
-    "serial_num_blocks": "--blocks",
-    "slot_threshold": "--slot-threshold",
-    "token_threshold": "--token-threshold",
-    "temperature": "--temp",
+    **{knob.name: knob.flag for knob in KNOB_TABLE},
     "mask_id": "--mask-id",
     "max_kv_size": "--max-kv-size",
 }
@@ -111,15 +107,9 @@ def add_decode_flags(parser: argparse.ArgumentParser):
 
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="the paper's slot and threshold settings for a benchmark")
-    parser.add_argument("--max-tokens", "-m", type=int,
-                        help="most tokens to generate (padded internally to whole slots and blocks); "
-                             "default: the model's, fitted to its positions")
-    parser.add_argument("--slot-size", type=int, help="tokens per slot")
-    parser.add_argument("--blocks", type=int, help="serial blocks the generation is cut into")
-    parser.add_argument("--slot-threshold", type=float, help="first-token confidence to pick a slot")
-    parser.add_argument("--token-threshold", type=float, help="probability to accept a drafted token")
-    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature, 0 (greedy) to 2")
-    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    for knob in KNOB_TABLE:
+        short = ["-m"] if knob.flag == "--max-tokens" else []
+        parser.add_argument(knob.flag, *short, type=knob.kind, help=knob.help)
 
 
 def add_cache_flags(parser: argparse.ArgumentParser):
@@ -147,16 +137,8 @@ def check_cache_flags(args):
 
 def decode_knobs(args) -> dict:
     """The knobs the user set on the command line (``preset`` included), by argument name."""
-    given = {
-        "preset": getattr(args, "preset", None),
-        "gen_length": getattr(args, "max_tokens", None),
-        "slot_size": getattr(args, "slot_size", None),
-        "serial_num_blocks": getattr(args, "blocks", None),
-        "slot_threshold": getattr(args, "slot_threshold", None),
-        "token_threshold": getattr(args, "token_threshold", None),
-        "temperature": getattr(args, "temp", None),
-        "seed": getattr(args, "seed", None),
-    }
+    given = {"preset": getattr(args, "preset", None),
+             **{k.name: getattr(args, k.flag.lstrip("-").replace("-", "_"), None) for k in KNOB_TABLE}}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -168,7 +150,7 @@ def settings_from_args(args, model=None, prompt_length: int = 0) -> dict:
     """
     from dataclasses import asdict
 
-    from .decode import settings_for
+    from .settings import settings_for
 
     return asdict(settings_for(model, prompt_length, **decode_knobs(args)))
 

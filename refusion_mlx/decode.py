@@ -39,106 +39,12 @@ from .forwards import Forward, forward, previous_rows, request, to_host
 from .sampling import draft_tokens, probability_of
 from .tokenizer_utils import resolve_mask_id
 from .transcript import Commit, GenerationResult, Transcript
-from .validation import (check_eos, check_float, check_int, check_seed, check_temperature, check_token_id,
-                         check_token_ids)
+from .settings import DecodeSettings, settings_for
+from .validation import check_eos, check_token_id, check_token_ids
 
 
-@dataclass(frozen=True)
-class DecodeSettings:
-    """The upstream knobs, and the library's defaults for them: upstream ``generate.py``'s example.
-
-    This is the one table of defaults. A model may bring its own (``generation_config.json``,
-    read by ``load``) and a preset its slot and threshold settings; ``settings_for`` layers
-    them. See docs/decoding.md for what each knob trades.
-    """
-
-    gen_length: int = 512
-    slot_size: int = 4
-    serial_num_blocks: int = 32
-    slot_threshold: float = 0.6
-    token_threshold: float = 0.3
-    temperature: float = 0.0
-    seed: Optional[int] = None
-    # Sampling (temperature > 0) among fewer tokens: sampling.truncate; the defaults keep all.
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-
-    @property
-    def padded_length(self) -> int:
-        """gen_length rounded up to whole slots in every block; only gen_length tokens are returned."""
-        unit = self.slot_size * self.serial_num_blocks
-        return -(-self.gen_length // unit) * unit
-
-    @property
-    def block_length(self) -> int:
-        return self.padded_length // self.serial_num_blocks
-
-    def validate(self):
-        """Raise RefusionError (naming the argument) for knobs that cannot work."""
-        for name in ("gen_length", "slot_size", "serial_num_blocks"):
-            check_int(name, getattr(self, name), 1)
-        for name in ("slot_threshold", "token_threshold"):
-            check_float(name, getattr(self, name), 0.0, 1.0)
-        check_temperature("temperature", self.temperature)
-        check_seed("seed", self.seed)
-        check_float("top_p", self.top_p, 0.0, 1.0)
-        if self.top_p == 0:
-            raise RefusionError("top_p must be in (0, 1], got 0.0")
-        check_int("top_k", self.top_k, 0)
-        check_float("min_p", self.min_p, 0.0, 1.0)
-
-    def check_fits(self, prompt_length: int, positions: int):
-        """Raise RefusionError unless a prompt of ``prompt_length`` tokens and this generation fit a
-        model of ``positions`` positions: checked before anything is allocated or tokenized.
-
-        The returned tokens must fit (prompt + gen_length <= positions). The padding to whole slots
-        and blocks may run past them (RoPE is computed for any position, nothing there is returned),
-        but by less than one slot_size x serial_num_blocks, which must itself fit: so the cache a
-        generation allocates stays under twice the model's positions, whatever the knobs.
-        """
-        unit = self.slot_size * self.serial_num_blocks
-        if unit > positions:
-            raise RefusionError(
-                f"slot_size ({self.slot_size}) x serial_num_blocks ({self.serial_num_blocks}) = {unit} exceeds the "
-                f"model's max_position_embeddings ({positions})")
-        if prompt_length + self.gen_length > positions:
-            raise RefusionError(
-                f"prompt ({prompt_length} tokens) + gen_length ({self.gen_length}) = "
-                f"{prompt_length + self.gen_length} exceeds the model's max_position_embeddings "
-                f"({positions}); at most {max(positions - prompt_length, 0)} tokens fit after this prompt")
 
 
-KNOBS = ("gen_length", "slot_size", "serial_num_blocks", "slot_threshold", "token_threshold")
-
-
-def settings_for(model=None, prompt_length: int = 0, *, preset: Optional[str] = None,
-                 **knobs) -> DecodeSettings:
-    """The settings for one request: the given knobs, then ``preset``'s, then the model's own
-    (``model.generation_defaults``), then ``DecodeSettings``'s.
-
-    A gen_length nobody gave explicitly is fitted to the model: at most the positions left
-    after a prompt of ``prompt_length`` tokens. Knobs given as None count as not given.
-    """
-    from .presets import PRESETS
-
-    knobs = {k: v for k, v in knobs.items() if v is not None}
-    unknown = sorted(set(knobs) - set(DecodeSettings.__dataclass_fields__))
-    if unknown:
-        raise RefusionError(f"unknown decoding argument {unknown[0]!r}")
-    if preset is not None and preset not in PRESETS:
-        raise RefusionError(f"unknown preset {preset!r} (choose from {', '.join(sorted(PRESETS))})")
-    own = dict(getattr(model, "generation_defaults", None) or {}) if model is not None else {}
-    layered = {**own, **(PRESETS[preset] if preset else {}), **knobs}
-    settings = DecodeSettings(**{k: v for k, v in layered.items() if k in DecodeSettings.__dataclass_fields__})
-    if model is not None and "gen_length" not in knobs:
-        room = model.args.max_position_embeddings - prompt_length
-        if 0 < room < settings.gen_length:
-            settings = replace(settings, gen_length=room)
-    settings.validate()
-    if model is not None and prompt_length:
-        settings.check_fits(prompt_length, model.args.max_position_embeddings)
-    return settings
 
 
 @dataclass

@@ -78,7 +78,7 @@ class Score:
 
 def parse_setting(text: str, gen_length: Optional[int]) -> dict:
     """The knobs ``s=8,b=2,st=0.9,tt=0.5`` sets (the others come from the model); checked now."""
-    from .decode import settings_for
+    from .settings import settings_for
 
     knobs = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -167,7 +167,7 @@ def evaluate(model, tokenizer, cases: Sequence[Case], settings: Sequence[dict], 
     """Left-to-right first, then each plan-and-infill setting, all greedy on the same cases."""
     from .autoregressive import generate_ar_ids
     from .decode import generate_ids
-    from .decode import settings_for
+    from .settings import settings_for
     from .tokenizer_utils import default_eos
 
     eos = default_eos(tokenizer)
@@ -254,7 +254,7 @@ def run(args) -> int:
     import mlx.core as mx
 
     from .blas import warn_if_slow_blas
-    from .decode import settings_for
+    from .settings import settings_for
     from .demo.tasks import DEMO_SEED
     from .loading import load
 

@@ -310,7 +310,7 @@ def attach_generation_config(model: Model, path: Path):
     for this model (the demo model ships its own). ``prompt_formats``, when present, lists the
     only prompt formats the model was trained on; the command line warns when asked for another.
     """
-    from .decode import KNOBS
+    from .settings import KNOBS
 
     config = read_generation_config(path)
     model.generation_defaults = MappingProxyType({k: config[k] for k in KNOBS if k in config})

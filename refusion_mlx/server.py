@@ -36,6 +36,7 @@ from typing import List, Optional, Sequence
 
 from .cli import ArgumentParser, run_command
 from .engine import Committed, Engine, Failed, Job, RequestError
+from .settings import KNOB_TABLE
 from .errors import RefusionError
 
 log = logging.getLogger("refusion_mlx.server")
@@ -54,8 +55,8 @@ MODEL_ALIAS = "default_model"  # as mlx-lm: a name any client may use for the on
 # A batch whose size and lengths change every step makes more shapes than the defaults hold, and
 # rebuilding an evicted one costs more than the step; unless set, the server keeps more.
 CUDA_CACHE_SIZES = {"MLX_CUDA_GRAPH_CACHE_SIZE": 4096, "MLX_CUDA_SDPA_CACHE_SIZE": 1024}
-# The library's argument names as a request spells them.
-REQUEST_NAMES = {"gen_length": "max_tokens", "serial_num_blocks": "blocks"}
+# The library's argument names as a request spells them (settings.KNOB_TABLE).
+REQUEST_NAMES = {knob.name: knob.field for knob in KNOB_TABLE if knob.name != knob.field}
 
 
 # --- turning committed tokens into OpenAI answers ----------------------------------------
@@ -225,9 +226,9 @@ def _request_error(e: RefusionError, chat: bool) -> RequestError:
         message = message.replace(name, field)
     if "exceeds the model's max_position_embeddings" in message and "slot_size (" not in message:
         return RequestError(message, "messages" if chat else "prompt", code="context_length_exceeded")
-    named = [n for n in ("slot_size", "blocks", "max_tokens", "slot_threshold", "token_threshold",
-                         "temperature", "seed", "preset", "top_p", "top_k", "min_p") if message.startswith(n) or f"{n} (" in message
-             or f"'{n}" in message or f"{n} must" in message]
+    fields = [knob.field for knob in KNOB_TABLE] + ["preset"]
+    named = [n for n in fields if message.startswith(n) or f"{n} (" in message or f"'{n}" in message
+             or f"{n} must" in message]
     return RequestError(message, named[0] if named else None)
 
 
@@ -257,16 +258,15 @@ class Service:
 
     def settings(self, request, chat: bool, prompt_length: int):
         """The request's DecodeSettings, checked against the model for a prompt of that length."""
-        from .decode import settings_for
+        from .settings import settings_for
 
         max_tokens = request.max_tokens
         if chat and request.max_completion_tokens is not None:
             max_tokens = request.max_completion_tokens
-        knobs = {"gen_length": max_tokens, "slot_size": request.slot_size,
-                 "serial_num_blocks": request.blocks, "slot_threshold": request.slot_threshold,
-                 "token_threshold": request.token_threshold, "temperature": request.temperature or 0.0,
-                 "seed": request.seed, "top_p": request.top_p, "min_p": request.min_p,
-                 "top_k": None if request.top_k is None else max(request.top_k, 0)}
+        knobs = {knob.name: getattr(request, knob.field) for knob in KNOB_TABLE}
+        knobs.update(gen_length=max_tokens, temperature=request.temperature or 0.0)
+        if request.top_k is not None:  # as mlx-lm: a negative top_k means no limit
+            knobs["top_k"] = max(request.top_k, 0)
         try:
             return settings_for(self.model, prompt_length, preset=request.preset, **knobs)
         except RefusionError as e:

@@ -6,7 +6,7 @@ import pytest
 from refusion_mlx import RefusionError, generate, generate_ar_ids, generate_ids
 from refusion_mlx.batch import LEFT_TO_RIGHT, PLAN_AND_INFILL, batch_generate, batch_generate_ids
 from refusion_mlx.scheduler import Scheduler
-from refusion_mlx.decode import DecodeSettings
+from refusion_mlx.settings import DecodeSettings
 
 KNOB_POOL = [
     dict(gen_length=32, slot_size=4, serial_num_blocks=2, slot_threshold=0.5, token_threshold=0.5),

@@ -7,16 +7,15 @@ import pytest
 
 from refusion_mlx import RefusionError, generate_ids
 from refusion_mlx.decode import (
-    DecodeSettings,
     accepted_prefix,
     choose_slots,
     first_eos,
     generation_tpf,
     generate_step,
-    settings_for,
     start_state,
     update_tags,
 )
+from refusion_mlx.settings import DecodeSettings, settings_for
 from reference_decoder import reference_generate
 from scripted_model import ScriptedModel
 

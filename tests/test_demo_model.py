@@ -81,7 +81,7 @@ def test_left_to_right_solves_the_subset(demo, cases):
 
 
 def test_defaults_follow_the_model(demo, tiny_model):
-    from refusion_mlx.decode import DecodeSettings, settings_for
+    from refusion_mlx.settings import DecodeSettings, settings_for
 
     model, _ = demo
     own = vars(settings_for(model, 20))
@@ -116,7 +116,7 @@ def test_every_preset_runs_on_the_demo_model(demo, preset):
 
 def test_a_converted_copy_keeps_the_demo_knobs(tmp_path):
     from refusion_mlx.convert import convert
-    from refusion_mlx.decode import settings_for
+    from refusion_mlx.settings import settings_for
 
     out = convert(str(DEMO_MODEL_PATH), str(tmp_path / "copy"))
     model, _ = load(out)

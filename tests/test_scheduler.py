@@ -3,7 +3,7 @@
 import pytest
 
 from refusion_mlx import RefusionError, generate_ids
-from refusion_mlx.decode import DecodeSettings
+from refusion_mlx.settings import DecodeSettings
 from refusion_mlx.scheduler import QueueFull, Scheduler
 
 KNOBS = dict(gen_length=16, slot_size=4, serial_num_blocks=2, slot_threshold=0.5, token_threshold=0.5)

@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from refusion_mlx import generate_ids, load
 from refusion_mlx.benchmark import PlainForward, RecordingModel, plain_time_of, random_model
-from refusion_mlx.decode import settings_for
+from refusion_mlx.settings import settings_for
 from refusion_mlx.evaluate import load_examples, make_cases
 
 
