@@ -5,21 +5,21 @@ before the host looks at the current token (as mlx-lm does), so the baseline is
 not slowed down by host round trips.
 """
 
-import os
 import time
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
-from .decode import DecodeState, bounded_cache, finish, make_room, open_cache, resolve_eos, run_steps
+from .decode import make_room, run_steps
+from .state import DecodeState, bounded_cache, finish, new_state
 from .settings import DecodeSettings
 from .forwards import request, to_host
 from .kv import PromptCache
 from .transcript import Commit, GenerationResult, Transcript
 from .errors import RefusionError
 from .sampling import draft_tokens
-from .validation import check_eos, check_int, check_seed, check_temperature, check_token_ids
+from .validation import check_int, check_seed, check_temperature, check_token_ids
 
 
 def start_ar_state(model, prompt_ids: Sequence[int], max_tokens: int, temperature: float = 0.0,
@@ -27,25 +27,16 @@ def start_ar_state(model, prompt_ids: Sequence[int], max_tokens: int, temperatur
                    prompt_cache: Optional[PromptCache] = None) -> DecodeState:
     """Validate a left-to-right request and set up its cache (room for prompt + max_tokens, or the
     prompt cache's) and key."""
-    prompt_ids = check_token_ids("prompt_ids", prompt_ids, model.args.vocab_size)
-    if not prompt_ids:
-        raise RefusionError("the prompt is empty")
     max_tokens = check_int("max_tokens", max_tokens, 1)
     temperature, seed = check_temperature("temperature", temperature), check_seed("seed", seed)
-    eos_token_id = check_eos("eos_token_id", eos_token_id)
+    prompt_ids = check_token_ids("prompt_ids", prompt_ids)
     total = len(prompt_ids) + max_tokens
     if total > model.args.max_position_embeddings:
         raise RefusionError(
             f"prompt + max_tokens = {total} exceeds max_position_embeddings "
             f"({model.args.max_position_embeddings})"
         )
-    key = None
-    if temperature > 0:
-        key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-    cache, cached = open_cache(model, prompt_ids, max_tokens, 1, prompt_cache)
-    return DecodeState(cache=cache, prompt_length=len(prompt_ids), uncached=prompt_ids[cached:], mask_id=-1,
-                       eos_ids=resolve_eos(eos_token_id, model), gen_length=max_tokens, key=key,
-                       cached_tokens=cached)
+    return new_state(model, prompt_ids, max_tokens, max_tokens, 1, temperature, seed, eos_token_id, prompt_cache)
 
 
 def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Callable[[Commit], None]):

@@ -12,7 +12,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .decode import resolve_eos
+from .state import resolve_eos
 from .settings import settings_for
 from .errors import RefusionError
 from .kv import PromptCache

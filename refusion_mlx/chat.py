@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 from .cli import (ArgumentParser, add_cache_flags, add_decode_flags, add_model_flags, check_cache_flags,
                   decode_knobs, in_flag_names, run_command, settings_from_args)
-from .decode import check_kv_size
+from .state import check_kv_size
 from .settings import settings_for
 from .errors import RefusionError
 

@@ -16,7 +16,6 @@ Timings are printed, never asserted; ratios are measured in one run. Random weig
 give real per-call costs and meaningless text.
 """
 
-import argparse
 import sys
 import time
 from typing import List, Optional, Sequence

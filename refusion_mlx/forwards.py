@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-from .kv import CacheView, SlotCache, SlotLayout
+from .kv import CacheView, SlotCache
 from .sampling import probability_of
 
 
@@ -63,7 +63,7 @@ class Sync:
 def request(state, tokens, positions, view: CacheView, last: Optional[int] = None,
             probe: Optional[tuple] = None):
     """Ask for a forward (a generator step: ``answer = yield from request(...)``); gets ``Logits``.
-    The forward is counted in ``state`` (a ``decode.DecodeState``) once it has been run."""
+    The forward is counted in ``state`` (a ``state.DecodeState``) once it has been run."""
     positions = np.asarray(positions, dtype=np.int32).reshape(-1)
     state.cache.record(view, positions)
     answer = yield Forward(tokens, positions, view, last, probe)

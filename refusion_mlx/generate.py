@@ -18,7 +18,8 @@ import mlx.core as mx
 from .blas import warn_if_slow_blas
 from .cli import (ArgumentParser, add_cache_flags, add_decode_flags, add_model_flags, add_prompt_flags,
                   check_cache_flags, decode_knobs, prog, read_prompt, run_command, settings_from_args)
-from .decode import bounded_cache, finish, generate_step, start_state
+from .decode import generate_step, start_state
+from .state import bounded_cache, finish
 from .settings import settings_for
 from .transcript import GenerationResult, Transcript
 from .tokenizer_utils import default_eos, prompt_ids

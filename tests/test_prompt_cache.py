@@ -1,7 +1,6 @@
 """Prompt caches that outlive a request: exact prefix reuse, divergence trimming, chats, batches,
 bounded caches."""
 
-import mlx.core as mx
 import numpy as np
 import pytest
 

@@ -7,7 +7,7 @@ in one row (each attends to its own cache row), queries padded to a mask with mo
 shape the backend has seen), or one plain fused call.
 """
 
-from typing import Optional, Union
+from typing import Union
 
 import mlx.core as mx
 import numpy as np

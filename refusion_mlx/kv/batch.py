@@ -151,11 +151,9 @@ class BatchCache:
         """Copy row ``row``'s first ``cache.length`` entries into ``cache``'s buffers."""
         n = cache.length
         for layer, kept in zip(self.layers, cache.layers):
-            if kept.keys is None or kept.keys.shape[2] < kept.capacity:
+            if kept.keys is None or kept.keys.shape[2] < kept.capacity:  # room for the whole row
                 shape = (1, layer.keys.shape[1], kept.capacity, layer.keys.shape[3])
-                old = kept.keys
                 kept.keys, kept.values = mx.zeros(shape, layer.keys.dtype), mx.zeros(shape, layer.values.dtype)
-                del old
             kept.keys[..., :n, :] = layer.keys[row : row + 1, :, :n]
             kept.values[..., :n, :] = layer.values[row : row + 1, :, :n]
 

@@ -16,10 +16,8 @@ paper's own KV-reuse semantics, not bit-identical to prefilling the same text);
 
 from typing import Optional, Sequence
 
-import mlx.core as mx
 import numpy as np
 
-from ..errors import RefusionError
 from ..validation import check_bool, check_int
 from .single import SlotCache
 
