@@ -127,20 +127,31 @@ def run_clients(jobs: List, concurrency: int, work) -> List:
     return results
 
 
-def chat_body(query: str, decoder: str, stream: bool = True) -> dict:
-    body = {"messages": [{"role": "user", "content": query}], "decoder": decoder, "stream": stream}
+WARM_UP = 32  # prompts, after the measured ones in the test split
+SHARED_SENTENCE = "You answer exactly, and you show your work column by column when you add numbers. "
+
+
+def shared_system_prompt(tokens: int, encode) -> str:
+    """A system prompt of about ``tokens`` tokens (the same for every request of a run)."""
+    per = max(len(encode(SHARED_SENTENCE)), 1)
+    return SHARED_SENTENCE * max(tokens // per, 1)
+
+
+def chat_body(query: str, decoder: str, stream: bool = True, system: str = "") -> dict:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": query}]
+    body = {"messages": messages, "decoder": decoder, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
     return body
 
 
-def load_level(client: Client, examples: List[dict], decoder: str, concurrency: int) -> dict:
+def load_level(client: Client, examples: List[dict], decoder: str, concurrency: int, system: str = "") -> dict:
     """One row of the table: every example once, ``concurrency`` at a time."""
     from .demo.tasks import check
 
     tic = time.perf_counter()
-    outcomes = run_clients(examples, concurrency,
-                           lambda x: client.post("/v1/chat/completions", chat_body(x["query"], decoder), True))
+    outcomes = run_clients(examples, concurrency, lambda x: client.post(
+        "/v1/chat/completions", chat_body(x["query"], decoder, system=system), True))
     wall = time.perf_counter() - tic
     ok = [o for o in outcomes if o.status == 200 and o.complete]
     report_failures(outcomes)
@@ -263,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=int, default=1, help="sweeps to run in turn; the table shows medians")
     parser.add_argument("--mixed", type=int, default=200, help="size of the mixed run (0: skip)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for the server")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
+                        help="give every request the same system prompt of about this many tokens, and run the "
+                             "sweep against a server without a prompt cache, then with one (time to first token)")
     return parser
 
 
@@ -274,24 +288,45 @@ def bench(args) -> int:
     from .demo.tasks import test_split
 
     for flag, value, low in (("--requests", args.requests, 1), ("--repeat", args.repeat, 1),
-                             ("--concurrency", min(args.concurrency), 1), ("--mixed", args.mixed, 0)):
+                             ("--concurrency", min(args.concurrency), 1), ("--mixed", args.mixed, 0),
+                             ("--shared-prefix", args.shared_prefix, 0)):
         if value < low:
             raise RefusionError(f"{flag} must be at least {low}, got {value}")
-    examples = test_split(size=args.requests)
-    server = ServerProcess(args.model, max(args.concurrency), args.server_arg)
+    # The warm-up's prompts are not measured (a prompt cache would already hold them).
+    examples = test_split(size=args.requests + WARM_UP)
+    if not args.shared_prefix:
+        return sweep(args, examples, args.server_arg, mixed=args.mixed)
+    from .loading import load
+
+    system = shared_system_prompt(args.shared_prefix, load(args.model)[1].encode)
+    rows = {}
+    for label, flags in (("no prompt cache", ["--prompt-cache-size", "0"]), ("prompt cache", [])):
+        print(f"== {label}, a shared system prompt of ~{args.shared_prefix} tokens")
+        rows[label] = sweep(args, examples, args.server_arg + flags, system=system)
+    for r0, r1 in zip(rows["no prompt cache"], rows["prompt cache"]):
+        print(f"{r0['decoder']}, {r0['concurrency']} clients: p50 time to first token {r0['ttft50']:.3f} s without "
+              f"the prompt cache, {r1['ttft50']:.3f} s with it ({r0['ttft50'] / r1['ttft50']:.2f}x lower); "
+              f"tokens/s {r1['tokens_per_s'] / r0['tokens_per_s']:.2f}x")
+    return 0
+
+
+def sweep(args, examples: List[dict], server_flags: Sequence[str], system: str = "", mixed: int = 0) -> List[dict]:
+    """Every decoder at every client count against one server; prints and returns the table's rows."""
+    server = ServerProcess(args.model, max(args.concurrency), server_flags)
     try:
         client = Client(server.host, server.port)
         # Warm-up, every level once on a few prompts: kernels compiled and (CUDA) attention plans
         # built for the shapes each level makes, so the first row measured does not pay for them.
+        warm, examples = examples[-WARM_UP:], examples[:-WARM_UP]
         for decoder in args.decoders:
             for level in args.concurrency:
-                run_clients(examples[: max(2 * level, 8)], level, lambda x: client.post(
-                    "/v1/chat/completions", chat_body(x["query"], decoder), True))
+                run_clients(warm[: max(2 * level, 8)], level, lambda x: client.post(
+                    "/v1/chat/completions", chat_body(x["query"], decoder, system=system), True))
         runs = []
         for _ in range(args.repeat):  # whole sweeps in turn, so a noisy minute hits every row alike
             for decoder in args.decoders:
                 for level in args.concurrency:
-                    runs.append(load_level(client, examples, decoder, level))
+                    runs.append(load_level(client, examples, decoder, level, system))
                     r = runs[-1]
                     print(f"{decoder}, {level} clients: {r['tokens_per_s']:.1f} tokens/s, "
                           f"{r['requests_per_s']:.2f} requests/s", file=sys.stderr, flush=True)
@@ -306,14 +341,13 @@ def bench(args) -> int:
                 gains = ", ".join(f"{n} clients {by_level[n]['tokens_per_s'] / by_level[1]['tokens_per_s']:.2f}x"
                                   for n in sorted(by_level) if n != 1)
                 print(f"{decoder}: throughput over one client at a time: {gains}")
-        if args.mixed:
-            m = mixed_run(client, examples, args.mixed, max(args.concurrency))
+        if mixed:
+            m = mixed_run(client, examples, mixed, max(args.concurrency))
             print(f"mixed run: {m['requests']} requests ({m['answered']} answered, {m['refused']} bad ones "
                   f"refused as expected) in {m['seconds']:.1f} s: {m['failed']} failed, {m['lost']} lost")
     finally:
         server.stop()
-    return 0
-
+    return rows
 
 if __name__ == "__main__":
     sys.exit(main())
