@@ -88,7 +88,8 @@ def test_presets_set_the_papers_knobs():
     (["--blocks", "-1"], "--blocks must be a positive integer"),
     (["--slot-threshold", "1.5"], "--slot-threshold must be in [0, 1]"),
     (["--token-threshold", "-0.2"], "--token-threshold must be in [0, 1]"),
-    (["--temp", "-1"], "--temp must be >= 0"),
+    (["--temp", "-1"], "--temp must be in [0, 2]"),
+    (["--temp", "3"], "--temp must be in [0, 2]"),
     (["--prompt", "   "], "the prompt is empty"),
     (["--max-tokens", "1024", "--slot-size", "8", "--blocks", "1"], "max_position_embeddings"),
 ])
