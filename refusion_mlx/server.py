@@ -519,8 +519,8 @@ class App:
                 echo = parsed.prompt if isinstance(parsed.prompt, str) else (
                     parsed.prompt[0] if isinstance(parsed.prompt[0], str) else svc.tokenizer.decode(ids))
             svc.submit(jobs)
-        except RequestError as e:
-            return error_response(e)
+        except RequestError as e:  # a body refused unread leaves the connection unusable: close it
+            return error_response(e, {"Connection": "close"} if e.status in (408, 413) else None)
         answers = [Answer(svc.tokenizer, job, stops(parsed)) for job in jobs]
         reply = Reply(chat, svc.model_id, len(ids), answers, echo)
         if parsed.stream:
