@@ -311,6 +311,8 @@ class Service:
                     ids = prompt_ids(self.tokenizer, chat_messages, enable_thinking=bool(thinking))
             except RefusionError as e:
                 raise RequestError(str(e), where) from None
+            except Exception as e:  # the model's chat template refused these messages (jinja's raise_exception)
+                raise RequestError(f"the chat template cannot render these messages: {str(e)[:300]}", where) from None
         else:
             prompt = request.prompt
             if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
@@ -467,7 +469,8 @@ class App:
         return error_response(error, exc.headers)
 
     async def server_error(self, request, exc):
-        log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc,
+                  exc_info=log.isEnabledFor(logging.DEBUG))
         return error_response(RequestError("internal server error", status=500, kind="server_error"))
 
     # -- GET --
@@ -505,6 +508,8 @@ class App:
 
     async def _generate(self, request, chat: bool):
         from starlette.concurrency import run_in_threadpool
+        from starlette.requests import ClientDisconnect
+        from starlette.responses import Response
 
         from .openai_api import parse, stops
 
@@ -522,8 +527,11 @@ class App:
                 echo = parsed.prompt if isinstance(parsed.prompt, str) else (
                     parsed.prompt[0] if isinstance(parsed.prompt[0], str) else svc.tokenizer.decode(ids))
             svc.submit(jobs)
-        except RequestError as e:
-            return error_response(e)
+        except RequestError as e:  # a body refused unread leaves the connection unusable: close it
+            return error_response(e, {"Connection": "close"} if e.status in (408, 413) else None)
+        except ClientDisconnect:
+            log.info("a client left while sending its request")
+            return Response(status_code=499)  # nobody reads it
         answers = [Answer(svc.tokenizer, job, stops(parsed)) for job in jobs]
         reply = Reply(chat, svc.model_id, len(ids), answers, echo)
         if parsed.stream:
@@ -602,12 +610,27 @@ class App:
                 yield sse(reply.usage_chunk())
             yield sse("[DONE]")
             complete = True
+        except Exception as e:  # the head is sent: the error can only be an event
+            complete = True
+            log.error("internal error in a stream: %s: %s", type(e).__name__, e)
+            yield sse(RequestError("internal server error", status=500, kind="server_error").body())
         finally:
             if complete:
                 for job in jobs:
                     job.cancelled = True
             else:
                 self._left(jobs, "mid-stream")
+
+
+def logged_once(app):
+    """``app`` without the re-raise Starlette does after its 500 handler has answered and logged an
+    error in one line: uvicorn would print the traceback again."""
+    async def asgi(scope, receive, send):
+        try:
+            await app(scope, receive, send)
+        except Exception:
+            pass
+    return asgi
 
 
 def h11_protocol():
@@ -638,6 +661,11 @@ def h11_protocol():
                         raise self.protocol_error
                     if len(event.target) + sum(len(k) + len(v) for k, v in event.headers) > MAX_HEAD:
                         self.protocol_error = h11.RemoteProtocolError("request head too large", 431)
+                        raise self.protocol_error
+                    names = {k for k, _ in event.headers}
+                    if b"transfer-encoding" in names and b"content-length" in names:  # smuggling, as two lengths
+                        self.protocol_error = h11.RemoteProtocolError(
+                            "both Transfer-Encoding and Content-Length", 400)
                         raise self.protocol_error
                 return event
 
@@ -715,7 +743,7 @@ def make_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: 
     engine = Engine(model, max_concurrency, max_queue, store, max_kv_size, keep_answers)
     service = Service(model, tokenizer, model_id, engine)
     sock = listening_socket(host, port)
-    config = uvicorn.Config(App(service, cors_origins).build(), http=h11_protocol(), lifespan="off", ws="none",
+    config = uvicorn.Config(logged_once(App(service, cors_origins).build()), http=h11_protocol(), lifespan="off", ws="none",
                             log_config=None, access_log=verbose, server_header=False,
                             timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=3,
                             h11_max_incomplete_event_size=MAX_HEAD)

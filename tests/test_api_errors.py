@@ -65,7 +65,7 @@ CASES = [
     ("ar seed 2**64", lambda m, t, p: generate_ar_ids(m, IDS, temperature=1.0, seed=2**64), "seed"),
     ("ar eos_token_id str", lambda m, t, p: generate_ar_ids(m, IDS, eos_token_id="317"), "eos_token_id"),
     ("ar prompt ids outside the vocabulary", lambda m, t, p: generate_ar_ids(m, [10_000]), "prompt_ids"),
-    ("stream unknown keyword", lambda m, t, p: stream(m, t, top_p=0.9), "top_p"),
+    ("stream unknown keyword", lambda m, t, p: stream(m, t, typical_p=0.9), "typical_p"),
     ("generate unknown keyword", lambda m, t, p: generate(m, t, "hi", max_tokens=8), "max_tokens"),
     ("stream prompt with a lone surrogate", lambda m, t, p: stream(m, t, prompt="hi \udcff"), "prompt"),
     ("stream prompt None", lambda m, t, p: stream(m, t, prompt=None), "prompt"),

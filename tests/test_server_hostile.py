@@ -111,12 +111,10 @@ def test_no_server_version_header(server):
 
 
 def test_a_body_too_large_is_refused_before_it_is_read(server):
-    with socket.create_connection((server.host, server.port), timeout=30) as s:
-        s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {50 * 2**20}\r\n\r\n".encode())
-        response = s.recv(65536)  # answered without the 50 MB
-    status, _, body = status_and_body(response)
-    assert status == 413 and openai_error(body)["code"] == "body_too_large"
+    response = exchange(server, f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                f"Content-Length: {50 * 2**20}\r\n\r\n".encode())  # the 50 MB never sent
+    status, head, body = status_and_body(response)
+    assert status == 413 and openai_error(body)["code"] == "body_too_large" and "connection: close" in head
     # Chunked, no length announced: counted as it arrives.
     chunk = b"x" * 2**20
     data = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(MAX_BODY // len(chunk) + 1))
@@ -128,6 +126,10 @@ def test_a_body_too_large_is_refused_before_it_is_read(server):
 @pytest.mark.parametrize("request_bytes, status", [
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
      400),  # two lengths: a request-smuggling hazard behind a proxy
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0\r\n\r\n", 400),  # both framings: the same hazard
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
     (b"GARBAGE\r\n\r\n", 400),
     (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
