@@ -45,6 +45,7 @@ TASK_PRESETS = (
 CODE_PRESETS = ("mbpp", "humaneval")  # upstream keeps the ```python block of these answers
 CODE_BLOCK = re.compile(r"```python\n(.*?)\n```", re.DOTALL)
 DEFAULT_BATCH_SIZE = 8
+WARM_UP_TOKENS = 32
 MASK_ELEMENTS = 1 << 26  # a padded scoring batch's (rows, width, width) mask stays below this
 
 
@@ -248,9 +249,9 @@ class RefusionLM(TemplateLM):
                 prompts.append(ids)
                 knobs.append(k)
                 code.append(self._preset(task) in CODE_PRESETS)
-            if not self.warm:  # kernels built and buffers sized outside the timed runs
-                batch_generate_ids(self.model, prompts[:1], knobs=knobs[:1], decoder=self.decoder,
-                                   eos_token_id=sorted(self.eos))
+            if not self.warm:  # kernels built outside the timed runs (a short generation is enough)
+                batch_generate_ids(self.model, prompts[:1], knobs=[{**knobs[0], "gen_length": min(
+                    knobs[0]["gen_length"], WARM_UP_TOKENS)}], decoder=self.decoder, eos_token_id=sorted(self.eos))
                 self.warm = True
             tic = time.perf_counter()
             results = batch_generate_ids(self.model, prompts, knobs=knobs, decoder=self.decoder,
