@@ -38,6 +38,8 @@ def add_task_flags(parser: argparse.ArgumentParser):
     group.add_argument("--apply-chat-template", action="store_true",
                        help="prompts through the model's chat template (thinking on), as upstream evaluates")
     group.add_argument("--log-samples", action="store_true", help="with --output-path: every sample's output too")
+    group.add_argument("--confirm-run-unsafe-code", action="store_true",
+                       help="let tasks run the generated code (HumanEval, MBPP need it; lm-eval's flag)")
     group.add_argument("--preset", default="auto", choices=["auto", "none", *sorted(PRESETS)],
                        help="the paper's knobs: by task name (auto, default), none, or one for every task")
     group.add_argument("--slot-size", type=int, help="tokens per slot (over the preset's)")
@@ -253,7 +255,8 @@ def evaluate_decoder(lm, names: Sequence[str], manager, args) -> Run:
                               tasks=list(names), num_fewshot=args.num_fewshot, limit=args.limit,
                               task_manager=manager, apply_chat_template=args.apply_chat_template,
                               fewshot_as_multiturn=args.apply_chat_template, log_samples=args.log_samples,
-                              evaluation_tracker=tracker, **seeds)
+                              evaluation_tracker=tracker, confirm_run_unsafe_code=args.confirm_run_unsafe_code,
+                              **seeds)
     seconds = time.perf_counter() - tic
     if tracker is not None:
         samples = results.pop("samples", None)

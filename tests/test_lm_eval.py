@@ -14,56 +14,8 @@ import pytest
 
 from conftest import eval_extra, run_python
 
-LIMIT = 3  # examples per task: seconds, not minutes, on two shared cores
-SHORT = ("sort", "reverse", "upper")  # families with short answers, one example each
-GENERATE_TASK = """task: demo_generate
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{query}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["Question:"]
-process_results: !function demo_utils.process_results
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-# The demo's own check (evaluate.py scores with it): the final answer, exactly, up to whitespace.
-DEMO_UTILS = """from refusion_mlx.demo.tasks import check
-
-
-def process_results(doc, results):
-    return {"exact_match": float(check(doc, results[0]))}
-"""
-CHOICE_TASK = """task: demo_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{query}}}}\\nAnswer:"
-doc_to_choice: choices
-doc_to_target: label
-metric_list:
-  - metric: acc
-"""
-
-
-def choice_examples(records):
-    """Multiple choice from the demo's arithmetic: the answer among three near misses."""
-    out = []
-    for k, x in enumerate(r for r in records if r["family"] in ("addition", "subtraction")):
-        n = int(x["answer"])
-        wrong = [str(n + 1), str(n + 10), str(n * 2 + 3)]
-        label = k % 4
-        out.append({"query": x["query"], "choices": wrong[:label] + [x["answer"]] + wrong[label:], "label": label})
-    return out
+LIMIT = 2  # examples per task: seconds, not minutes, on two shared cores
+SHORT = ("reverse", "upper")  # families with short answers, one example each
 
 
 def generative_examples():
@@ -76,17 +28,13 @@ def generative_examples():
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
-    """demo_generate (demo test examples) and demo_choice, as lm-eval YAML."""
+    """demo_generate and demo_choice as lm-eval YAML (``demo.lm_eval_tasks``): under --limit 2, the
+    two short examples, and the multiple choice of the two arithmetic ones after them."""
+    from refusion_mlx.demo.lm_eval_tasks import write_tasks
     from refusion_mlx.demo.tasks import test_split
 
-    folder = tmp_path_factory.mktemp("tasks")
-    records = test_split(0, 40)
-    for name, rows in (("generate.jsonl", generative_examples()), ("choice.jsonl", choice_examples(records)[:2])):
-        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "demo_generate.yaml").write_text(GENERATE_TASK.format(data=folder / "generate.jsonl"))
-    (folder / "demo_utils.py").write_text(DEMO_UTILS)
-    (folder / "demo_choice.yaml").write_text(CHOICE_TASK.format(data=folder / "choice.jsonl"))
-    return folder
+    arithmetic = [r for r in test_split(0, 40) if r["family"] in ("addition", "subtraction")][:2]
+    return write_tasks(tmp_path_factory.mktemp("tasks"), records=generative_examples() + arithmetic)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +172,7 @@ def test_lm_eval_command_line_runs_refusion(task_dir, demo, tmp_path):
     results = json.loads(next(out.glob("run_*.json")).read_text())
     assert results["config"]["refusion_decoder"] == "left-to-right"
     model, tokenizer = demo
-    docs = [json.loads(line) for line in (task_dir / "choice.jsonl").read_text().splitlines()[:2]]
+    docs = [json.loads(line) for line in (task_dir / "demo_choice.jsonl").read_text().splitlines()[:2]]
     # Without a chat template lm-eval's prompt is the text itself, its continuation " " + choice.
     samples = [{"doc": d, "arguments": {f"gen_args_{k}": {"arg_0": d["query"] + "\nAnswer:", "arg_1": " " + c}
                                         for k, c in enumerate(d["choices"])}} for d in docs]
