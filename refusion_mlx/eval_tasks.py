@@ -11,10 +11,13 @@ import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from .batch import DECODERS, LEFT_TO_RIGHT, PLAN_AND_INFILL
 from .errors import RefusionError
+
+if TYPE_CHECKING:  # lm_eval_model imports lm-eval: only once the arguments are checked
+    from .lm_eval_model import Usage
 
 MISSING = "--tasks needs lm-evaluation-harness: pip install 'refusion-mlx[eval]' (or pip install 'lm-eval>=0.4.10')"
 BOTH = "both"
@@ -128,7 +131,7 @@ class Row:
     decoder: str
     metric: str
     accuracy: float
-    usage: "object"  # lm_eval_model.Usage
+    usage: "Usage"
     generative: bool
 
     @property
@@ -143,7 +146,7 @@ class Run:
     decoder: str
     names: List[str]
     results: dict
-    usage: Dict[Optional[str], "object"] = field(default_factory=dict)
+    usage: Dict[Optional[str], "Usage"] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -166,7 +169,8 @@ def leaves(results: dict, name: str) -> List[str]:
     return [leaf for sub in subtasks for leaf in leaves(results, sub)]
 
 
-def summed_usage(run: Run, names: Sequence[str]):
+def summed_usage(run: Run, names: Sequence[str]) -> "Usage":
+    """What the named tasks cost together (a group's row: its tasks' sum)."""
     from .lm_eval_model import Usage
 
     total = Usage()

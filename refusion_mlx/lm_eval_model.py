@@ -20,7 +20,6 @@ Importing this module imports lm-eval (the ``eval`` extra) and registers the mod
 import re
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -30,7 +29,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from .batch import DECODERS, LEFT_TO_RIGHT, PLAN_AND_INFILL, batch_generate_ids
+from .batch import DECODERS, PLAN_AND_INFILL, batch_generate_ids
 from .errors import RefusionError
 from .presets import PRESETS
 
@@ -233,7 +232,7 @@ class RefusionLM(TemplateLM):
     def get_model_info(self) -> dict:
         """Added to lm-eval's results["config"]: the decoder, the knobs, and what each task cost."""
         return {"refusion_decoder": self.decoder, "refusion_preset": self.preset,
-                "refusion_knobs": dict(self.knobs),
+                "refusion_batch_size": self.batch_size, "refusion_knobs": dict(self.knobs),
                 "refusion_usage": {task: asdict(u) for task, u in self.usage.items()}}
 
     # --- generation --------------------------------------------------------------------
@@ -242,13 +241,14 @@ class RefusionLM(TemplateLM):
         """Each task's prompts decoded together; texts cut at the first ``until`` string."""
         out: List[Optional[str]] = [None] * len(requests)
         for task, indices in self._by_task(requests).items():
-            prompts, knobs, code = [], [], []
+            prompts, knobs, stops = [], [], []
             for i in indices:
                 context, gen_kwargs = requests[i].args
                 ids, k = self._prompt_and_knobs(task, context, gen_kwargs or {})
                 prompts.append(ids)
                 knobs.append(k)
-                code.append(self._preset(task) in CODE_PRESETS)
+                stops.append((gen_kwargs or {}).get("until") or [])
+            code = self._preset(task) in CODE_PRESETS
             if not self.warm:  # kernels built outside the timed runs (a short generation is enough)
                 batch_generate_ids(self.model, prompts[:1], knobs=[{**knobs[0], "gen_length": min(
                     knobs[0]["gen_length"], WARM_UP_TOKENS)}], decoder=self.decoder, eos_token_id=sorted(self.eos))
@@ -258,11 +258,11 @@ class RefusionLM(TemplateLM):
                                          max_batch_size=self.batch_size, eos_token_id=sorted(self.eos))
             usage = self.usage.setdefault(task, Usage())
             usage.seconds += time.perf_counter() - tic
-            for i, result, is_code in zip(indices, results, code):
+            for i, result, until in zip(indices, results, stops):
                 usage.requests += 1
                 usage.tokens += len(result.tokens)
                 usage.model_calls += result.model_calls
-                text = self.finish_text(result.tokens, requests[i].args[1].get("until") or [], is_code)
+                text = self.finish_text(result.tokens, until, code)
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 out[i] = text
         return out
