@@ -9,7 +9,7 @@ log-likelihoods (multiple choice, perplexity) do not depend on the decoder and r
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
@@ -176,9 +176,8 @@ def summed_usage(run: Run, names: Sequence[str]) -> "Usage":
     total = Usage()
     for name in names:
         u = run.usage.get(name)
-        if u is not None:
-            for key in ("requests", "tokens", "model_calls", "seconds", "scored_tokens", "forwards"):
-                setattr(total, key, getattr(total, key) + getattr(u, key))
+        for f in fields(Usage) if u is not None else ():
+            setattr(total, f.name, getattr(total, f.name) + getattr(u, f.name))
     return total
 
 

@@ -73,6 +73,7 @@ class Usage:
     requests: int = 0
     tokens: int = 0
     model_calls: int = 0
+    tokens_fed: int = 0  # tokens the decoder's forwards processed for these sequences (drafts included)
     seconds: float = 0.0
     scored_tokens: int = 0  # log-likelihood requests: continuation tokens scored
     forwards: int = 0  # log-likelihood requests: batched forwards run
@@ -262,6 +263,7 @@ class RefusionLM(TemplateLM):
                 usage.requests += 1
                 usage.tokens += len(result.tokens)
                 usage.model_calls += result.model_calls
+                usage.tokens_fed += result.tokens_fed
                 text = self.finish_text(result.tokens, until, code)
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 out[i] = text

@@ -243,3 +243,30 @@ def test_bad_model_arguments_raise_refusion_errors(demo):
     assert [preset_for(t) for t in ("gsm8k_cot", "minerva_math_algebra", "arc_challenge_chat", "mmlu_pro_law",
                                     "humaneval_instruct_noprefix", "mathqa", "demo_generate")] == \
         ["gsm8k", "math", "arc", "mmlu-pro", "humaneval", None, None]
+
+
+def test_table_rows_sum_groups_and_compare_with_left_to_right():
+    """rows_of/format_markdown on results shaped as lm-eval returns them: a group's row sums its
+    tasks' cost, a log-likelihood task's decoder is "(any)", speed is a ratio to left to right."""
+    eval_extra()
+    from refusion_mlx.eval_tasks import Run, format_markdown, rows_of
+    from refusion_mlx.lm_eval_model import Usage
+
+    def run(decoder, seconds):
+        results = {"results": {"grp": {"alias": "grp", "acc,none": 0.5, "acc_stderr,none": 0.1},
+                               "gen": {"alias": " - gen", "sample_len": 3, "exact_match,none": 0.75},
+                               "mc": {"alias": " - mc", "acc,none": 0.25}},
+                   "group_subtasks": {"grp": ["gen", "mc"]},
+                   "configs": {"gen": {"output_type": "generate_until"}, "mc": {"output_type": "multiple_choice"}}}
+        usage = {"gen": Usage(requests=3, tokens=120, model_calls=40, seconds=seconds),
+                 "mc": Usage(requests=2, seconds=1.0, scored_tokens=8, forwards=1)}
+        return Run(decoder, ["grp"], results, usage)
+
+    l2r, pi = rows_of(run("left-to-right", 4.0)), rows_of(run("plan-and-infill", 1.0))
+    assert [(r.task, r.decoder, r.metric, r.generative) for r in l2r] == [
+        ("grp", "left-to-right", "acc,none", True), ("gen", "left-to-right", "exact_match,none", True),
+        ("mc", "(any)", "acc,none", False)]
+    assert (l2r[0].usage.tokens, l2r[0].usage.seconds, l2r[0].usage.scored_tokens) == (120, 5.0, 8)
+    table = format_markdown(l2r + pi[:2])
+    row = next(line for line in table.splitlines() if "| gen | plan-and-infill |" in line)
+    assert "| 120.0 | 3.00 | 40 | 120 | 1.00 | 4.00x | +0.0 pts |" in row
