@@ -2,6 +2,10 @@
 of the same weights, on one test split, in one run (the paper's speed-vs-accuracy figure).
 
     python -m refusion_mlx.evaluate --model PATH [--limit N] [--data FOLDER] [--plot out.png]
+    python -m refusion_mlx.evaluate --model PATH --tasks gsm8k_cot,arc_challenge_chat [--limit N]
+
+With ``--tasks``, lm-evaluation-harness runs the named tasks instead (the ``eval`` extra;
+``eval_tasks``), for plan-and-infill and left to right on the same weights.
 
 Without ``--data`` the demo test split is regenerated from its seed
 (``refusion_mlx.demo.tasks``). Decoding is greedy; every decoder is warmed up
@@ -222,16 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(parser)
     parser.add_argument("--data", help="folder with test.jsonl (or a .jsonl file); default: the demo "
                         "test split regenerated from --seed")
-    parser.add_argument("--seed", type=int, help="demo split seed (default: the demo's)")
+    parser.add_argument("--seed", type=int, help="demo split seed (default: the demo's); with --tasks, "
+                        "lm-eval's seeds (default: lm-eval's)")
     parser.add_argument("--test-size", type=int, default=500, help="demo test split size (default 500)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
     parser.add_argument("--settings", nargs="+", metavar="SETTING",
                         help="plan-and-infill settings, e.g. s=8,b=2,st=0.9,tt=0.5 "
                              f"(default: {' '.join(DEFAULT_SETTINGS)})")
     parser.add_argument("--max-tokens", type=int,
-                        help="most tokens for every decoder (default: the model's own; 256 for the demo)")
+                        help="most tokens for every decoder (default: the model's own; 256 for the demo; "
+                             "with --tasks: the preset's 512, else the task's)")
     parser.add_argument("--plot", help="write the speed-vs-accuracy figure here as PNG (needs matplotlib: "
                                        "the plot extra)")
+    from .eval_tasks import add_task_flags
+
+    add_task_flags(parser)
     return parser
 
 
@@ -259,6 +268,10 @@ def run(args) -> int:
     from .loading import load
 
     check_args(args)
+    if args.tasks is not None:
+        from .eval_tasks import run_tasks
+
+        return run_tasks(args)
     settings = [parse_setting(s, args.max_tokens) for s in (args.settings or DEFAULT_SETTINGS)]
     seed = DEMO_SEED if args.seed is None else args.seed
     records = load_examples(args.data, args.limit, seed, args.test_size)

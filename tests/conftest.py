@@ -37,6 +37,19 @@ def oracle(name: str):
     return pytest.importorskip(name, reason=f"{name} missing: pip install -e '.[oracle]' for the oracle tests")
 
 
+def eval_extra():
+    """Import lm_eval (the ``eval`` extra: lm-evaluation-harness).
+
+    As ``oracle``: without the extra the tests that need it are skipped, saying what to install;
+    CI sets REFUSION_REQUIRE_EVAL=1, and there a missing lm_eval fails them.
+    """
+    if os.environ.get("REFUSION_REQUIRE_EVAL"):
+        import importlib
+
+        return importlib.import_module("lm_eval")
+    return pytest.importorskip("lm_eval", reason="lm_eval missing: pip install -e '.[eval]' for the lm-eval tests")
+
+
 def with_root_on_path() -> str:
     """PYTHONPATH for a child process: this checkout first, then whatever was there."""
     return os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)

@@ -341,6 +341,11 @@ EVALUATE = {
     "max tokens 0": lambda c: evaluate(c, "--max-tokens", "0"),
     "plot in a missing folder": lambda c: evaluate(c, "--plot", c.path("no/such/plot.png")),
     "model config null": lambda c: evaluate(c, model=c.model(text="null")),
+    # --tasks (lm-evaluation-harness): refused before lm-eval is imported or the model loaded.
+    "tasks limit 0": lambda c: ["--model", str(c.good_model), "--tasks", "gsm8k", "--limit", "0"],
+    "tasks num-fewshot -1": lambda c: ["--model", str(c.good_model), "--tasks", "gsm8k", "--num-fewshot", "-1"],
+    "tasks output in a missing folder": lambda c: ["--model", str(c.good_model), "--tasks", "gsm8k",
+                                                   "--output-path", c.path("no/such/out")],
 }
 
 
