@@ -233,7 +233,9 @@ class Batch:
         if not mx.issubdtype(dtype, mx.floating):  # a quantized embedding: its scales' dtype
             dtype = model.model.embed_tokens.scales.dtype
         self.dtype = dtype
-        self.cache = BatchCache(len(model.layers), args.num_key_value_heads, args.head_dim, dtype)
+        # This rank's KV heads: fewer than the config's when the model is split across ranks.
+        kv_heads = model.layers[0].self_attn.n_kv_heads
+        self.cache = BatchCache(len(model.layers), kv_heads, args.head_dim, dtype)
         self.active: List[Generation] = []
         self.forwards = 0
         self.bucket = key_bucket()

@@ -147,13 +147,16 @@ def off_format_warning(model, args) -> Optional[str]:
 
 def run(args) -> int:
     from .blas import blas_report
-    from .loading import load
+    from .distributed import check_stdin_unused, is_leader, load_for_command, shared_seed
 
+    check_stdin_unused(args.prompt == "-", "--prompt -")
     prompt = read_prompt(args.prompt)
     settings_from_args(args)  # bad flags fail here, before a long load
-    model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
+    # Launched by mlx.launch: this rank's shard; rank 0 prints, the others follow silently.
+    model, tokenizer, group = load_for_command(args.model, args.adapter_path, args.dtype, args.verbose)
+    seed = shared_seed(args.seed, group)  # every rank must sample alike
     warning = off_format_warning(model, args)
-    if warning:
+    if warning and is_leader(group):
         print(warning, file=sys.stderr)
     printed = ""
     update = None
@@ -163,7 +166,7 @@ def run(args) -> int:
                                   gen_length=args.max_tokens, slot_size=args.slot_size,
                                   serial_num_blocks=args.blocks, slot_threshold=args.slot_threshold,
                                   token_threshold=args.token_threshold, temperature=args.temp,
-                                  seed=args.seed):
+                                  seed=seed):
         # Slots land out of order: stream only the start of the text that has no holes left
         # (and no half-decoded character).
         stable = update.prefix_text.rstrip("\ufffd")
