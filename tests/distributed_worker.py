@@ -36,7 +36,11 @@ def main(checkpoint: str, out_dir: str) -> int:
     group = connect()
     model = load_model(checkpoint, dtype="float32", group=group)
     barrier(group)
-    result = {"rank": group.rank(), "size": group.size(), "shard": describe_shard(model), **decode_all(model)}
+    import mlx.core as mx
+
+    logits = model(mx.array([PROMPTS[2]])).tolist()
+    result = {"rank": group.rank(), "size": group.size(), "shard": describe_shard(model), "logits": logits,
+              **decode_all(model)}
     (Path(out_dir) / f"rank{group.rank()}.json").write_text(json.dumps(result))
     return 0
 

@@ -1,0 +1,130 @@
+"""Tensor parallelism: two processes over MLX's ring backend on this machine decode exactly
+as one process does, and a bad launch ends every rank with one line instead of a hang.
+
+The ranks are started here with a hostfile on 127.0.0.1 and free ports (what ``mlx.launch
+--backend ring -n 2`` does), except in the test of the documented ``mlx.launch`` command.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from checkpoints import tiny_config, write_checkpoint, write_tokenizer
+from conftest import ROOT, run_python, with_root_on_path
+
+pytestmark = pytest.mark.skipif(not mx.distributed.is_available(), reason="MLX built without mx.distributed")
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+LAUNCH_TIMEOUT = 240  # seconds for a whole launch; a hang fails the test instead of stalling CI
+
+
+def free_ports(n: int):
+    """``n`` ports nobody listens on now, from the kernel."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def start_ranks(tmp_path, args, ranks=(0, 1), size=2, **env):
+    """Start ``python ARGS`` as the given ranks of a ``size``-rank ring on localhost; the
+    (returncode, stdout, stderr) of each, in rank order. Every rank is killed at the timeout."""
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(size)]))
+    base = dict(os.environ, PYTHONPATH=with_root_on_path(), MLX_HOSTFILE=str(hostfile), **env)
+    procs = [subprocess.Popen([sys.executable, *args], env=dict(base, MLX_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in ranks]
+    try:
+        outputs = [p.communicate(timeout=LAUNCH_TIMEOUT) for p in procs]
+        return [(p.returncode, *o) for p, o in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def test_two_ranks_take_the_single_process_decisions(tmp_path, tiny_path, tiny_model):
+    from distributed_worker import PROMPTS, decode_all
+
+    out = start_ranks(tmp_path, [str(WORKER), str(tiny_path), str(tmp_path)])
+    for rank, (code, _, err) in enumerate(out):
+        assert code == 0, f"rank {rank} failed: {err[-2000:]}"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["size"] for r in ranks] == [2, 2]
+    assert "KV heads 0-0 of 2" in ranks[0]["shard"] and "KV heads 1-1 of 2" in ranks[1]["shard"]
+
+    # Bit-identical logits on both ranks (the all-reduce hands both the same sums) ...
+    assert ranks[0]["logits"] == ranks[1]["logits"]
+    # ... equal to the unsplit model's up to the order of the sums.
+    whole = np.array(tiny_model(mx.array([PROMPTS[2]])).tolist())
+    split = np.array(ranks[0]["logits"])
+    np.testing.assert_allclose(split, whole, rtol=1e-4, atol=1e-5 * np.abs(whole).max())
+
+    single = decode_all(tiny_model)
+    for rank in ranks:
+        for decoder, tokens in single.items():
+            assert rank[decoder] == tokens, decoder
+
+
+def test_generate_under_mlx_launch_prints_once(tmp_path, tiny_path):
+    """The README's command: rank 0 prints the single process's text, rank 1 nothing; --verbose
+    has each rank name its shard on stderr."""
+    launcher = shutil.which("mlx.launch")
+    if launcher is None:
+        pytest.skip("mlx.launch is not on PATH")
+    flags = ["--model", str(tiny_path), "--prompt", "the quick brown", "-m", "16", "--slot-size", "4",
+             "--ignore-chat-template"]
+    alone = run_python("-m", "refusion_mlx.generate", *flags)
+    assert alone.returncode == 0, alone.stderr
+    port = next(p for p in iter(lambda: free_ports(1)[0], None) if _port_free(p + 1))  # mlx.launch: p, p+1
+    env = dict(os.environ, PYTHONPATH=with_root_on_path())
+    launched = subprocess.run([launcher, "--backend", "ring", "-n", "2", "--starting-port", str(port), "--",
+                               sys.executable, "-m", "refusion_mlx.generate", *flags, "--verbose"],
+                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=LAUNCH_TIMEOUT)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    text = launched.stdout.split("==========")[0]
+    assert text == alone.stdout  # printed once, by rank 0, the same text
+    assert "rank 0 of 2: KV heads 0-0 of 2" in launched.stderr
+    assert "rank 1 of 2: KV heads 1-1 of 2" in launched.stderr
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_rank_count_that_does_not_split_the_kv_heads_is_one_line_on_every_rank(tmp_path):
+    path = write_checkpoint(tmp_path / "one_kv_head", tiny_config(num_key_value_heads=1), seed=0)
+    write_tokenizer(path)
+    out = start_ranks(tmp_path, ["-m", "refusion_mlx.generate", "--model", str(path), "--prompt", "hi"])
+    for code, stdout, stderr in out:
+        assert code == 2 and stdout == ""
+        assert stderr.strip().splitlines() == [
+            "error: 2 ranks cannot split the model's 1 KV heads evenly; run on a number of ranks that divides 1"]
+
+
+def test_a_missing_peer_is_one_line_and_an_exit_not_a_hang(tmp_path, tiny_path):
+    """Rank 0 of two, started alone, gives up after REFUSION_CONNECT_TIMEOUT seconds."""
+    [(code, stdout, stderr)] = start_ranks(
+        tmp_path, ["-m", "refusion_mlx.generate", "--model", str(tiny_path), "--prompt", "hi"], ranks=(0,),
+        REFUSION_CONNECT_TIMEOUT="2")
+    assert code != 0 and stdout == ""
+    [line] = stderr.strip().splitlines()
+    assert line.startswith("error: rank 0 could not reach every peer within 2 s")
