@@ -17,7 +17,9 @@ forward for all of them. A streaming client that goes away frees its sequence.
 """
 
 import argparse
+import dataclasses
 import gc
+import itertools
 import json
 import os
 import queue
@@ -31,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, List, Optional, Sequence
 
 from .cli import ArgumentParser, run_command
+from .distributed import broadcast_json
 from .errors import RefusionError
 
 DEFAULT_MAX_CONCURRENCY = 8
@@ -150,6 +153,19 @@ class Job:
     sequence: object = None  # the batch's Generation, once admitted
     filled: Dict[int, int] = field(default_factory=dict)  # position -> token (decode thread only)
     prefix: int = 0  # filled positions from 0 without a hole (decode thread only)
+    number: int = -1  # the engine's name for it, the same on every rank
+
+    def spec(self) -> dict:
+        """What another rank needs to decode this job as rank 0 does (JSON)."""
+        return {"number": self.number, "prompt": list(self.prompt), "settings": dataclasses.asdict(self.settings),
+                "decoder": self.decoder, "max_tokens": self.max_tokens, "eos": sorted(self.eos)}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "Job":
+        from .decode import DecodeSettings
+
+        return cls(spec["prompt"], DecodeSettings(**spec["settings"]), spec["decoder"], spec["max_tokens"],
+                   frozenset(spec["eos"]), number=spec["number"])
 
 
 # --- the decode thread ----------------------------------------------------------------------
@@ -171,6 +187,9 @@ class Engine:
         self.waiting: List[Job] = []
         self.running: Dict[int, Job] = {}
         self.stopping = threading.Event()
+        self.group = getattr(model, "group", None)  # several ranks: rank 0 plans every step
+        self.numbers = itertools.count()
+        self.planned: Dict[int, Job] = {}  # rank 0: jobs in the plan being sent, by number
 
     @property
     def queued(self) -> int:
@@ -188,18 +207,27 @@ class Engine:
         self.incoming.put(None)
 
     def run(self):
-        """Admit and decode until ``stop`` (or Ctrl-C); jobs still open then get a 503."""
+        """Admit and decode until ``stop`` (or Ctrl-C); jobs still open then get a 503.
+
+        Split across ranks (``model.group``), every rank runs this loop: before each step
+        rank 0 sends what it decided (``_plan``: jobs to add, jobs to cancel, stop) and every
+        rank applies it (``_apply``), so all batches stay the same; what happens inside a
+        step (commits, finished and full sequences) follows from logits that are identical
+        on every rank.
+        """
         try:
-            while not self.stopping.is_set():
-                self._admit()
+            while True:
+                plan = broadcast_json(self._plan(), self.group)
+                if plan["stop"]:
+                    break
+                self._apply(plan)
                 if not self.batch.active:
                     continue
-                for job in self.running.values():
-                    if job.cancelled:
-                        self.batch.cancel(job.sequence)
                 try:
                     left = self.batch.step()
                 except Exception as e:  # never take the server down: fail the jobs in the batch
+                    if self.group is not None:
+                        raise  # unless the ranks may no longer agree
                     self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
                     continue
                 for seq in left:
@@ -208,23 +236,41 @@ class Engine:
         finally:
             self._fail_all("the server is shutting down", waiting=True)
 
-    def _admit(self):
-        """Move new jobs into the batch while there is room; block only when nothing runs."""
+    def _plan(self) -> Optional[dict]:
+        """Rank 0's decisions for the next step: new jobs (up to the free room), cancelled ones,
+        or stop. Blocks for a new job only when nothing runs. None on the other ranks."""
+        if self.group is not None and self.group.rank() != 0:
+            return None
         block = not self.batch.active and not self.waiting
-        while True:
+        while not self.stopping.is_set():
             try:
                 job = self.incoming.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
                 break
-            if job is None:
-                return
-            self.waiting.append(job)
+            if job is not None:
+                self.waiting.append(job)
             block = False
-        while self.waiting and len(self.batch.active) < self.max_concurrency:
+        if self.stopping.is_set():
+            return {"stop": True}
+        adds = []
+        while self.waiting and len(self.batch.active) + len(adds) < self.max_concurrency:
             job = self.waiting.pop(0)
             if job.cancelled:
                 job.events.put(("done", None))
                 continue
+            job.number = next(self.numbers)
+            if self.group is not None and job.settings.temperature > 0 and job.settings.seed is None:
+                # Every rank must draw the same samples: one seed for all, from here.
+                job.settings = dataclasses.replace(job.settings, seed=int.from_bytes(os.urandom(4), "little"))
+            self.planned[job.number] = job
+            adds.append(job.spec())
+        cancels = [job.number for job in self.running.values() if job.cancelled]
+        return {"stop": False, "add": adds, "cancel": cancels}
+
+    def _apply(self, plan: dict):
+        """Put the plan's jobs in the batch and drop the cancelled ones, the same on every rank."""
+        for spec in plan["add"]:
+            job = self.planned.pop(spec["number"], None) or Job.from_spec(spec)  # other ranks: a job of their own
             try:
                 job.sequence = self.batch.add(job.prompt, job.settings, decoder=job.decoder,
                                               eos_token_id=job.eos, on_commit=self._committed(job))
@@ -232,6 +278,10 @@ class Engine:
                 job.events.put(("error", RequestError(str(e))))
                 continue
             self.running[id(job.sequence)] = job
+        cancelled = set(plan["cancel"])
+        for job in self.running.values():
+            if job.number in cancelled:
+                self.batch.cancel(job.sequence)
 
     def _committed(self, job: Job):
         def on_commit(seq, commit):
@@ -651,7 +701,8 @@ def _interrupt(signum, frame):
 
 
 def serve(args) -> int:
-    from .loading import DEMO_MODEL_NAME, is_demo, load
+    from .distributed import is_leader, load_for_command
+    from .loading import DEMO_MODEL_NAME, is_demo
 
     if args.max_concurrency < 1 or args.max_queue < 1:
         raise RefusionError("--max-concurrency and --max-queue must be positive")
@@ -659,16 +710,23 @@ def serve(args) -> int:
         raise RefusionError(f"--port must be in [0, 65535], got {args.port}")
     for name, size in CUDA_CACHE_SIZES.items():  # read by MLX's CUDA backend on first use
         os.environ.setdefault(name, str(size))
-    model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
+    model, tokenizer, group = load_for_command(args.model, args.adapter_path, args.dtype, args.verbose)
     # What loading made (~200k objects: tokenizer, templates, modules) lives as long as the server:
     # out of the collector's sight, a full collection no longer stalls every sequence for ~0.1 s.
     gc.collect()
     gc.freeze()
+    if not is_leader(group):
+        return follow(model)
     model_id = DEMO_MODEL_NAME if is_demo(args.model) else args.model
     httpd, engine = make_server(model, tokenizer, model_id, args.host, args.port,
                                 args.max_concurrency, args.max_queue, args.verbose)
-    # SIGTERM ends the server the way Ctrl-C does.
-    signal.signal(signal.SIGTERM, _interrupt)
+    if group is None:
+        # SIGTERM ends the server the way Ctrl-C does.
+        signal.signal(signal.SIGTERM, _interrupt)
+    else:
+        # Across ranks, stop between two steps (the others must be told, and must not be left mid-step).
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: engine.stop())
     http_thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
     http_thread.start()
     host, port = httpd.server_address[:2]
@@ -680,6 +738,13 @@ def serve(args) -> int:
     finally:
         httpd.shutdown()
         httpd.server_close()
+    return 0
+
+
+def follow(model) -> int:
+    """A rank other than 0: decode what rank 0 plans, serve nothing, until rank 0 stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop, and says so
+    Engine(model, DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE).run()
     return 0
 
 

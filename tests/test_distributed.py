@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from checkpoints import tiny_config, write_checkpoint, write_tokenizer
-from conftest import ROOT, run_python, with_root_on_path
+from conftest import ROOT, with_root_on_path
 
 pytestmark = pytest.mark.skipif(not mx.distributed.is_available(), reason="MLX built without mx.distributed")
 
@@ -79,24 +79,25 @@ def test_two_ranks_take_the_single_process_decisions(tmp_path, tiny_path, tiny_m
             assert rank[decoder] == tokens, decoder
 
 
-def test_generate_under_mlx_launch_prints_once(tmp_path, tiny_path):
+def test_generate_under_mlx_launch_prints_once(tmp_path, tiny_path, tiny_tokenizer_model):
     """The README's command: rank 0 prints the single process's text, rank 1 nothing; --verbose
     has each rank name its shard on stderr."""
+    from refusion_mlx import generate
+
     launcher = shutil.which("mlx.launch")
     if launcher is None:
         pytest.skip("mlx.launch is not on PATH")
-    flags = ["--model", str(tiny_path), "--prompt", "the quick brown", "-m", "16", "--slot-size", "4",
-             "--ignore-chat-template"]
-    alone = run_python("-m", "refusion_mlx.generate", *flags)
-    assert alone.returncode == 0, alone.stderr
+    knobs = dict(gen_length=12, slot_size=4, serial_num_blocks=1, token_threshold=0.1)
+    alone = generate(*tiny_tokenizer_model, "the quick brown", use_chat_template=False, **knobs)
     port = next(p for p in iter(lambda: free_ports(1)[0], None) if _port_free(p + 1))  # mlx.launch: p, p+1
     env = dict(os.environ, PYTHONPATH=with_root_on_path())
-    launched = subprocess.run([launcher, "--backend", "ring", "-n", "2", "--starting-port", str(port), "--",
-                               sys.executable, "-m", "refusion_mlx.generate", *flags, "--verbose"],
-                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=LAUNCH_TIMEOUT)
+    launched = subprocess.run(
+        [launcher, "--backend", "ring", "-n", "2", "--starting-port", str(port), "--", sys.executable, "-m",
+         "refusion_mlx.generate", "--model", str(tiny_path), "--prompt", "the quick brown", "--ignore-chat-template",
+         "-m", "12", "--slot-size", "4", "--blocks", "1", "--token-threshold", "0.1", "--verbose"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=LAUNCH_TIMEOUT)
     assert launched.returncode == 0, launched.stderr[-2000:]
-    text = launched.stdout.split("==========")[0]
-    assert text == alone.stdout  # printed once, by rank 0, the same text
+    assert launched.stdout.split("==========")[0] == alone + "\n"  # printed once, by rank 0
     assert "rank 0 of 2: KV heads 0-0 of 2" in launched.stderr
     assert "rank 1 of 2: KV heads 1-1 of 2" in launched.stderr
 
