@@ -725,8 +725,12 @@ def serve(args) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
     else:
         # Across ranks, stop between two steps (the others must be told, and must not be left mid-step).
+        def stop(signum, frame):
+            print("shutting down", file=sys.stderr, flush=True)
+            engine.stop()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: engine.stop())
+            signal.signal(signum, stop)
     http_thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
     http_thread.start()
     host, port = httpd.server_address[:2]

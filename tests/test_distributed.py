@@ -38,14 +38,19 @@ def free_ports(n: int):
             s.close()
 
 
-def start_ranks(tmp_path, args, ranks=(0, 1), size=2, **env):
-    """Start ``python ARGS`` as the given ranks of a ``size``-rank ring on localhost; the
-    (returncode, stdout, stderr) of each, in rank order. Every rank is killed at the timeout."""
+def spawn_ranks(tmp_path, args, ranks=(0, 1), size=2, **env):
+    """``python ARGS`` started as the given ranks of a ``size``-rank ring on localhost (Popen each)."""
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(size)]))
     base = dict(os.environ, PYTHONPATH=with_root_on_path(), MLX_HOSTFILE=str(hostfile), **env)
-    procs = [subprocess.Popen([sys.executable, *args], env=dict(base, MLX_RANK=str(r)), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in ranks]
+    return [subprocess.Popen([sys.executable, *args], env=dict(base, MLX_RANK=str(r)), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for r in ranks]
+
+
+def start_ranks(tmp_path, args, ranks=(0, 1), size=2, **env):
+    """Run ``python ARGS`` as the given ranks of a ``size``-rank ring on localhost; the
+    (returncode, stdout, stderr) of each, in rank order. Every rank is killed at the timeout."""
+    procs = spawn_ranks(tmp_path, args, ranks, size, **env)
     try:
         outputs = [p.communicate(timeout=LAUNCH_TIMEOUT) for p in procs]
         return [(p.returncode, *o) for p, o in zip(procs, outputs)]
@@ -129,3 +134,47 @@ def test_a_missing_peer_is_one_line_and_an_exit_not_a_hang(tmp_path, tiny_path):
     assert code != 0 and stdout == ""
     [line] = stderr.strip().splitlines()
     assert line.startswith("error: rank 0 could not reach every peer within 2 s")
+
+
+def test_the_server_across_two_ranks_answers_as_one_process(tmp_path, tiny_path, tiny_tokenizer_model):
+    """Rank 0 serves concurrent requests (one batch) with the single process's text; SIGTERM to
+    rank 0 stops both ranks cleanly."""
+    import signal
+    import threading
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from refusion_mlx import generate
+
+    prompts = ["the quick brown", "def add", "12 + 34"]
+    knobs = dict(max_tokens=12, slot_size=4, blocks=1, token_threshold=0.1)
+    port = free_ports(1)[0]
+    procs = spawn_ranks(tmp_path, ["-m", "refusion_mlx.server", "--model", str(tiny_path), "--port", str(port)])
+    try:
+        ready = threading.Event()
+        first = []
+        threading.Thread(target=lambda: (first.append(procs[0].stdout.readline()), ready.set()), daemon=True).start()
+        assert ready.wait(LAUNCH_TIMEOUT) and first[0].startswith("serving"), first
+
+        def ask(prompt):
+            body = json.dumps({"prompt": prompt, **knobs}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=LAUNCH_TIMEOUT) as reply:
+                return json.loads(reply.read())["choices"][0]["text"]
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            texts = list(pool.map(ask, prompts))
+        alone = [generate(*tiny_tokenizer_model, p, use_chat_template=False, gen_length=12, slot_size=4,
+                          serial_num_blocks=1, token_threshold=0.1) for p in prompts]
+        assert texts == alone
+
+        procs[0].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=LAUNCH_TIMEOUT) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [err[-1000:] for _, err in outputs]
+        assert outputs[1][0] == ""  # rank 1 printed nothing
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
