@@ -129,6 +129,11 @@ def shared_seed(seed: Optional[int], group: Optional[mx.distributed.Group]) -> O
     return broadcast_json(int.from_bytes(os.urandom(4), "little"), group)
 
 
+def ranks_note(group: Optional[mx.distributed.Group]) -> str:
+    """``", split across N ranks"`` for a report's header; empty for one process."""
+    return "" if group is None else f"; tensor-parallel across {group.size()} ranks"
+
+
 def describe_shard(model) -> str:
     """Which part of the model this rank holds, for --verbose."""
     group = getattr(model, "group", None)

@@ -5,8 +5,10 @@
 Every model call's logits are gathered from all ranks and compared bit for bit (the check
 itself is not timed). Then the decoder runs again unchecked, and a broadcast of one
 decision-sized message from rank 0 (what "rank 0 decides, the others follow" would add to
-every decoding step) is timed on its own. Rank 0 prints: calls checked, calls whose logits
-differed between ranks, the time of a call, of a broadcast, and their ratio.
+every decoding step) is timed on its own, and so is one all_sum of one value and of an 8B
+layer's output for 64 tokens (the link's latency and bandwidth as MLX sees them). Rank 0
+prints: calls checked, calls whose logits differed between ranks, the time of a call, of a
+broadcast, their ratio, and the all_sum times.
 """
 
 import argparse
@@ -71,12 +73,23 @@ def main() -> int:
         broadcast_json(decision, group)
         broadcasts.append(time.perf_counter() - tic)
     broadcast_ms = 1000 * median(broadcasts)
+    reduce_ms = {}
+    for label, shape in (("1 value", (1,)), ("64 tokens x 4096 (an 8B layer's output, bf16)", (64, 4096))):
+        x = mx.ones(shape, dtype=mx.bfloat16)
+        times = []
+        for _ in range(100):
+            tic = time.perf_counter()
+            mx.eval(mx.distributed.all_sum(x, group=group))
+            times.append(time.perf_counter() - tic)
+        reduce_ms[label] = 1000 * median(times)
 
     print(f"{group.size()} ranks, {args.dtype}, device {mx.default_device()}, model {args.model}")
     print(f"calls checked: {checked.calls} (plan-and-infill and left to right, {args.max_tokens} tokens each); "
           f"calls whose logits differed between ranks: {checked.differing}")
     print(f"plan-and-infill call: {call_ms:.2f} ms (median of 3 runs); a decision broadcast from rank 0: "
           f"{broadcast_ms:.3f} ms (median of 200) = {100 * broadcast_ms / call_ms:.1f}% of a call")
+    print("one all_sum over this link: " + "; ".join(f"{k}: {v:.3f} ms" for k, v in reduce_ms.items())
+          + " (median of 100)")
     return 0
 
 
