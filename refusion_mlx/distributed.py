@@ -150,7 +150,7 @@ def describe_shard(model) -> str:
     return (f"rank {r} of {n}: KV heads {part(args.num_key_value_heads)}, query heads "
             f"{part(args.num_attention_heads)}, MLP units {part(args.intermediate_size)} in each of "
             f"{args.num_hidden_layers} layers; embedding, norms and head whole; "
-            f"{weights / 1e9:.3f} GB of weights here")
+            f"{weights / 1e6:.1f} MB of weights here")
 
 
 def take_part(model, group: Optional[mx.distributed.Group], verbose: bool = False):

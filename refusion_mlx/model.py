@@ -257,6 +257,15 @@ class Model(nn.Module):
             raise RefusionError("the model is already sharded")
         check_shardable(self.args, N)
         for layer in self.layers:
+            for name, linear in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj)):
+                group_size = getattr(linear, "group_size", None)  # quantized: rows cut across ranks
+                inputs = linear.weight.shape[1] * 32 // linear.bits if group_size else 0
+                if group_size and (inputs // N) % group_size:
+                    raise RefusionError(
+                        f"{N} ranks would cut {name}'s quantization groups of {group_size} "
+                        f"({inputs} inputs, {inputs // N} per rank); quantize with a group size that "
+                        f"divides {inputs // N}, or run on fewer ranks")
+        for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             for name in ("q_proj", "k_proj", "v_proj"):
                 setattr(attn, name, shard_linear(getattr(attn, name), "all-to-sharded", group=group))

@@ -1,10 +1,10 @@
 """One rank of tests/test_distributed.py: load a checkpoint split across the ranks, decode.
 
-    python tests/distributed_worker.py CHECKPOINT OUT_DIR   (started by the test, once per rank)
+    python tests/distributed_worker.py OUT_DIR CHECKPOINT...   (started by the test, once per rank)
 
-Each rank writes OUT_DIR/rank<r>.json with the tokens of the three decoders (the same
-requests as ``reference``), so the test can check that every rank took the same decisions
-and that they are the single process's.
+Each rank writes OUT_DIR/rank<r>.json with, per checkpoint, its shard, the logits of one
+forward and the tokens of the decoders (``decode_all``, as the single process computes
+them), so the test can check that every rank took the same decisions as one process.
 """
 
 import json
@@ -29,18 +29,20 @@ def decode_all(model) -> dict:
     }
 
 
-def main(checkpoint: str, out_dir: str) -> int:
+def main(out_dir: str, *checkpoints: str) -> int:
+    import mlx.core as mx
+
     from refusion_mlx.distributed import barrier, connect, describe_shard
     from refusion_mlx.loading import load_model
 
     group = connect()
-    model = load_model(checkpoint, dtype="float32", group=group)
-    barrier(group)
-    import mlx.core as mx
-
-    logits = model(mx.array([PROMPTS[2]])).tolist()
-    result = {"rank": group.rank(), "size": group.size(), "shard": describe_shard(model), "logits": logits,
-              **decode_all(model)}
+    runs = []
+    for checkpoint in checkpoints:
+        model = load_model(checkpoint, dtype="float32", group=group)
+        barrier(group)
+        logits = model(mx.array([PROMPTS[2]])).tolist()
+        runs.append({"shard": describe_shard(model), "logits": logits, **decode_all(model)})
+    result = {"rank": group.rank(), "size": group.size(), "runs": runs}
     (Path(out_dir) / f"rank{group.rank()}.json").write_text(json.dumps(result))
     return 0
 

@@ -61,27 +61,44 @@ def start_ranks(tmp_path, args, ranks=(0, 1), size=2, **env):
                 p.communicate()
 
 
-def test_two_ranks_take_the_single_process_decisions(tmp_path, tiny_path, tiny_model):
+@pytest.fixture(scope="module")
+def tiny_4bit(tiny_path, tmp_path_factory):
+    """The tiny checkpoint at 4 bits, groups of 32 (each rank's half of o_proj's 64 inputs is one group)."""
+    import contextlib
+    import io
+
+    from refusion_mlx.convert import convert
+
+    target = tmp_path_factory.mktemp("q4") / "tiny_4bit"
+    with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm's "[INFO] Quantized" line
+        convert(str(tiny_path), str(target), quantize=True, q_bits=4, q_group_size=32)
+    return target
+
+
+def test_two_ranks_take_the_single_process_decisions(tmp_path, tiny_path, tiny_4bit):
+    """float32 and 4-bit: plan-and-infill, left to right and batches give one process's tokens."""
     from distributed_worker import PROMPTS, decode_all
 
-    out = start_ranks(tmp_path, [str(WORKER), str(tiny_path), str(tmp_path)])
+    from refusion_mlx import load_model
+
+    checkpoints = [tiny_path, tiny_4bit]
+    out = start_ranks(tmp_path, [str(WORKER), str(tmp_path), *map(str, checkpoints)])
     for rank, (code, _, err) in enumerate(out):
         assert code == 0, f"rank {rank} failed: {err[-2000:]}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["size"] for r in ranks] == [2, 2]
-    assert "KV heads 0-0 of 2" in ranks[0]["shard"] and "KV heads 1-1 of 2" in ranks[1]["shard"]
-
-    # Bit-identical logits on both ranks (the all-reduce hands both the same sums) ...
-    assert ranks[0]["logits"] == ranks[1]["logits"]
-    # ... equal to the unsplit model's up to the order of the sums.
-    whole = np.array(tiny_model(mx.array([PROMPTS[2]])).tolist())
-    split = np.array(ranks[0]["logits"])
-    np.testing.assert_allclose(split, whole, rtol=1e-4, atol=1e-5 * np.abs(whole).max())
-
-    single = decode_all(tiny_model)
-    for rank in ranks:
-        for decoder, tokens in single.items():
-            assert rank[decoder] == tokens, decoder
+    for checkpoint, run0, run1 in zip(checkpoints, ranks[0]["runs"], ranks[1]["runs"]):
+        assert "KV heads 0-0 of 2" in run0["shard"] and "KV heads 1-1 of 2" in run1["shard"]
+        # Bit-identical logits on both ranks (the all-reduce hands both the same sums) ...
+        assert run0["logits"] == run1["logits"]
+        # ... equal to the unsplit model's up to the order of the sums.
+        model = load_model(checkpoint, dtype="float32")
+        whole = np.array(model(mx.array([PROMPTS[2]])).tolist())
+        np.testing.assert_allclose(np.array(run0["logits"]), whole, rtol=1e-4, atol=1e-5 * np.abs(whole).max())
+        single = decode_all(model)
+        for run in (run0, run1):
+            for decoder, tokens in single.items():
+                assert run[decoder] == tokens, (checkpoint.name, decoder)
 
 
 def test_generate_under_mlx_launch_prints_once(tmp_path, tiny_path, tiny_tokenizer_model):
