@@ -43,6 +43,21 @@ if not ready:
 """
 
 
+def launched_backend() -> str:
+    """The backend ``mlx.launch`` (or mpirun) set this process up for, from its environment.
+
+    Named, not ``"any"``: MLX tries every backend it has and takes the first that starts, and an
+    MPI library on the machine could then start as a group of one, quietly running alone.
+    """
+    if "OMPI_COMM_WORLD_RANK" in os.environ:
+        return "mpi"
+    if "MLX_JACCL_COORDINATOR" in os.environ or "MLX_IBV_DEVICES" in os.environ:
+        return "jaccl"
+    if "MLX_HOSTFILE" in os.environ:
+        return "ring"
+    return "any"
+
+
 def launched() -> bool:
     """Whether this process was started as one rank of several (mlx.launch, mpirun)."""
     return any(name in os.environ for name in LAUNCH_VARIABLES)
@@ -84,7 +99,7 @@ def connect() -> Optional[mx.distributed.Group]:
     watchdog = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WATCHDOG, str(timeout), str(os.getpid()),
                                  message], stdin=subprocess.PIPE)
     try:
-        group = mx.distributed.init(strict=True)
+        group = mx.distributed.init(strict=True, backend=launched_backend())
     except RuntimeError as e:
         raise RefusionError(f"cannot start the distributed group: {e}") from None
     finally:
