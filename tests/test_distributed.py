@@ -38,10 +38,10 @@ def free_ports(n: int):
             s.close()
 
 
-def spawn_ranks(tmp_path, args, ranks=(0, 1), size=2, **env):
+def spawn_ranks(tmp_path, args, ranks=(0, 1), size=2, ports=None, **env):
     """``python ARGS`` started as the given ranks of a ``size``-rank ring on localhost (Popen each)."""
     hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(size)]))
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports or free_ports(size)]))
     base = dict(os.environ, PYTHONPATH=with_root_on_path(), MLX_HOSTFILE=str(hostfile), **env)
     return [subprocess.Popen([sys.executable, *args], env=dict(base, MLX_RANK=str(r)), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for r in ranks]
@@ -106,9 +106,9 @@ def test_generate_under_mlx_launch_prints_once(tmp_path, tiny_path, tiny_tokeniz
     has each rank name its shard on stderr."""
     from refusion_mlx import generate
 
-    launcher = shutil.which("mlx.launch")
-    if launcher is None:
-        pytest.skip("mlx.launch is not on PATH")
+    # mlx's own script, installed beside the interpreter (a venv, pyenv) or on PATH.
+    launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
+    assert launcher, "mlx.launch (installed with mlx) is neither beside python nor on PATH"
     knobs = dict(gen_length=12, slot_size=4, serial_num_blocks=1, token_threshold=0.1)
     alone = generate(*tiny_tokenizer_model, "the quick brown", use_chat_template=False, **knobs)
     port = next(p for p in iter(lambda: free_ports(1)[0], None) if _port_free(p + 1))  # mlx.launch: p, p+1
@@ -165,8 +165,9 @@ def test_the_server_across_two_ranks_answers_as_one_process(tmp_path, tiny_path,
 
     prompts = ["the quick brown", "def add", "12 + 34"]
     knobs = dict(max_tokens=12, slot_size=4, blocks=1, token_threshold=0.1)
-    port = free_ports(1)[0]
-    procs = spawn_ranks(tmp_path, ["-m", "refusion_mlx.server", "--model", str(tiny_path), "--port", str(port)])
+    *ring, port = free_ports(3)  # one call: three different ports
+    procs = spawn_ranks(tmp_path, ["-m", "refusion_mlx.server", "--model", str(tiny_path), "--port", str(port)],
+                        ports=ring)
     try:
         ready = threading.Event()
         first = []
