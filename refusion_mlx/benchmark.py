@@ -250,9 +250,10 @@ def run_shape(args, out=None):
     gen = args.max_tokens or 256
     ids = mx.random.randint(0, model.args.vocab_size - 2, (args.prompt_tokens,)).tolist()
     quant = f", {args.quantize}-bit (group {args.q_group_size})" if args.quantize else ""
+    where = " on this rank" if group else ""
     print(f"shape {args.shape}: {model.args.num_hidden_layers} layers, hidden {model.args.hidden_size}, "
-          f"vocabulary {model.args.vocab_size}; {args.dtype or 'bfloat16'}{quant}; weights {weights_gb(model):.2f} GB{' on this rank' if group else ''}; "
-          f"device {mx.default_device()}; mlx {mx.__version__}{ranks_note(group)}", file=out)
+          f"vocabulary {model.args.vocab_size}; {args.dtype or 'bfloat16'}{quant}; weights {weights_gb(model):.2f} GB"
+          f"{where}; device {mx.default_device()}; mlx {mx.__version__}{ranks_note(group)}", file=out)
     print(RANDOM_WEIGHTS_NOTE, file=out)
     forward_table(model, [len(ids), len(ids) + gen], FORWARD_SIZES + (256,), out)
     settings = [dict(knobs, gen_length=gen) for knobs in SHAPE_SETTINGS]

@@ -145,7 +145,7 @@ def shared_seed(seed: Optional[int], group: Optional[mx.distributed.Group]) -> O
 
 
 def ranks_note(group: Optional[mx.distributed.Group]) -> str:
-    """``", split across N ranks"`` for a report's header; empty for one process."""
+    """``"; tensor-parallel across N ranks"`` for a report's header; empty for one process."""
     return "" if group is None else f"; tensor-parallel across {group.size()} ranks"
 
 

@@ -179,7 +179,7 @@ def load_model(path: Union[str, Path], dtype: Optional[str] = None, for_cpu: boo
     CPU is prepared for it (``prepare_quantized_for_cpu``); pass False to keep the
     checkpoint exactly as stored (to save it again). ``group``: a distributed group of
     several ranks (``distributed.connect``); this rank keeps only its shard of the layers
-    (``Model.shard``), the slices of the lazily loaded tensors being all it reads into memory.
+    (``Model.shard``): each tensor is read lazily and only this rank's slice of it is kept.
     """
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
@@ -203,7 +203,7 @@ def load_model(path: Union[str, Path], dtype: Optional[str] = None, for_cpu: boo
         prepare_quantized_for_cpu(model, cast_scales=dtype is None)
     attach_generation_config(model, path)
     try:
-        if model.group is not None:  # layer by layer: one whole tensor in memory at a time, not all
+        if model.group is not None:  # layer by layer: one layer's whole tensors in memory at a time
             for layer in model.layers:
                 mx.eval(layer.parameters())
         mx.eval(model.parameters())
