@@ -58,8 +58,10 @@ RANDOM_WEIGHTS_NOTE = (
     "a trained model saves; tokens/s of a real model follow from calls per token (see the README).")
 
 
-def random_model(shape: str, dtype: str = "bfloat16", bits: Optional[int] = None, group_size: int = 64):
-    """A ReFusion model of a named shape with random weights, cast and optionally quantized."""
+def random_model(shape: str, dtype: str = "bfloat16", bits: Optional[int] = None, group_size: int = 64,
+                 group: Optional[mx.distributed.Group] = None):
+    """A ReFusion model of a named shape with random weights, cast and optionally quantized;
+    with ``group``, this rank's shard of it (the same seed on every rank: the same model)."""
     from .utils import DTYPES
     from .model import Model, ModelArgs
 
@@ -71,6 +73,8 @@ def random_model(shape: str, dtype: str = "bfloat16", bits: Optional[int] = None
     model.set_dtype(DTYPES[dtype])
     if bits:
         nn.quantize(model, group_size=group_size, bits=bits)
+    if group is not None:
+        model.shard(group)
     mx.eval(model.parameters())
     return model
 
@@ -90,6 +94,8 @@ def mlx_lm_twin(model):
             return {"group_size": group_size, "bits": bits}
 
         nn.quantize(twin, class_predicate=same_as_ours)
+    if getattr(model, "group", None) is not None:
+        twin.shard(model.group)  # mlx-lm's own tensor parallelism: the same split as ours
     twin.load_weights(tree_flatten(model.parameters()), strict=True)
     return twin
 
@@ -253,15 +259,20 @@ def shape_dtype(requested: Optional[str], device=None) -> Tuple[str, str]:
 
 def run_shape(args, out=None):
     """The random-weights benchmark at a named shape."""
-    out = out or sys.stdout  # looked up now: a default bound at import would keep a replaced stream
+    from .distributed import connect, ranks_note, take_part
+
+    group = connect()
     dtype, why = shape_dtype(args.dtype)
-    model = random_model(args.shape, dtype, args.quantize, args.q_group_size)
+    model = random_model(args.shape, dtype, args.quantize, args.q_group_size, group)
+    take_part(model, group, args.verbose)
+    out = out or sys.stdout  # looked up now (after take_part, which silences the other ranks)
     gen = args.max_tokens or 256
     ids = mx.random.randint(0, model.args.vocab_size - 2, (args.prompt_tokens,)).tolist()
     quant = f", {args.quantize}-bit (group {args.q_group_size})" if args.quantize else ""
+    where = " on this rank" if group else ""
     print(f"shape {args.shape}: {model.args.num_hidden_layers} layers, hidden {model.args.hidden_size}, "
-          f"vocabulary {model.args.vocab_size}; {dtype} ({why}){quant}; weights {weights_gb(model):.2f} GB; "
-          f"device {mx.default_device()}; mlx {mx.__version__}", file=out)
+          f"vocabulary {model.args.vocab_size}; {dtype} ({why}){quant}; weights {weights_gb(model):.2f} GB"
+          f"{where}; device {mx.default_device()}; mlx {mx.__version__}{ranks_note(group)}", file=out)
     print(RANDOM_WEIGHTS_NOTE, file=out)
     forward_table(model, [len(ids), len(ids) + gen], FORWARD_SIZES + (256,), out)
     settings = [dict(knobs, gen_length=gen) for knobs in SHAPE_SETTINGS]
@@ -273,19 +284,20 @@ def run_model(args, out=None):
     """The benchmark on a real checkpoint and prompt."""
     from .blas import blas_report, warn_if_slow_blas
     from .cli import settings_from_args
-    from .loading import load
+    from .distributed import load_for_command, ranks_note, shared_seed
     from .tokenizer_utils import default_eos, prompt_ids
 
-    out = out or sys.stdout  # looked up now: a default bound at import would keep a replaced stream
-
     settings_from_args(args)  # bad flags fail before the load
-    model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
+    model, tokenizer, group = load_for_command(args.model, args.adapter_path, args.dtype, args.verbose)
+    out = out or sys.stdout  # looked up now (after the load, which silences ranks other than 0)
+    args.seed = shared_seed(args.seed, group)  # every rank must sample alike
     prompt = args.prompt or DEMO_PROMPT
     ids = prompt_ids(tokenizer, prompt, use_chat_template=not args.ignore_chat_template)
     knobs = settings_from_args(args, model, len(ids))  # unset knobs: the model's own, fitted
     eos = default_eos(tokenizer)
     warn_if_slow_blas()
-    print(f"model: {args.model or 'demo'}  device: {mx.default_device()}  prompt: {len(ids)} tokens", file=out)
+    print(f"model: {args.model or 'demo'}  device: {mx.default_device()}  prompt: {len(ids)} tokens"
+          f"{ranks_note(group)}", file=out)
     print(blas_report(), file=out)
     sizes = [n for n in FORWARD_SIZES if len(ids) + n <= model.args.max_position_embeddings]
     forward_table(model, [len(ids)], sizes, out)
@@ -320,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-threshold", type=float)
     parser.add_argument("--temp", type=float, default=0.0)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--verbose", action="store_true", help="under mlx.launch: each rank names its shard")
     return parser
 
 

@@ -6,12 +6,16 @@ With a ``PromptCacheStore``, a request decodes in a copy of the stored cache tha
 longest prefix with its prompt, and its own cache is stored when it ends.
 """
 
+import dataclasses
+import itertools
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from .distributed import broadcast_json
 from .errors import RefusionError
 
 log = logging.getLogger("refusion_mlx.server")
@@ -67,6 +71,19 @@ class Job:
     cancelled: bool = False
     cached_tokens: int = 0  # prompt tokens the prompt cache held (set when admitted)
     sequence: object = None  # the scheduler's Generation, once admitted
+    number: int = -1  # the engine's name for it, the same on every rank
+
+    def spec(self) -> dict:
+        """What another rank needs to decode this job as rank 0 does (JSON)."""
+        return {"number": self.number, "prompt": list(self.prompt), "settings": dataclasses.asdict(self.settings),
+                "decoder": self.decoder, "max_tokens": self.max_tokens, "eos": sorted(self.eos)}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "Job":
+        from .settings import DecodeSettings
+
+        return cls(spec["prompt"], DecodeSettings(**spec["settings"]), spec["decoder"], spec["max_tokens"],
+                   frozenset(spec["eos"]), number=spec["number"])
 
 
 # --- the decode thread ----------------------------------------------------------------------
@@ -89,6 +106,9 @@ class Engine:
         self.max_kv_size, self.keep_answers = max_kv_size, keep_answers  # for the caches requests decode in
         self.incoming: "queue.Queue[Job]" = queue.Queue()
         self.running: Dict[int, Job] = {}  # by the scheduler's uid
+        self.group = getattr(model, "group", None)  # split across ranks: rank 0 plans every step
+        self.numbers = itertools.count()
+        self.planned: Dict[int, Job] = {}  # rank 0: jobs in the plan being sent, by number
         self.stopping = threading.Event()
         self.halted = False  # set by a signal handler: no lock taken there (see ``halt``)
 
@@ -113,40 +133,69 @@ class Engine:
         self.halted = True
 
     def run(self):
-        """Admit and decode until ``stop`` (or Ctrl-C); jobs still open then get a 503."""
+        """Admit and decode until ``stop`` (or Ctrl-C); jobs still open then get a 503.
+
+        Split across ranks (``model.group``), every rank runs this loop: before each step rank 0
+        sends what it decided (``_plan``: jobs to add, jobs to cancel, or stop) and every rank
+        applies it (``_apply``), so every rank's scheduler holds the same sequences; what happens
+        inside a step follows from logits that are identical on every rank.
+        """
         try:
-            while not (self.stopping.is_set() or self.halted):
-                self._admit()
+            while True:
+                plan = broadcast_json(self._plan(), self.group)
+                if plan["stop"]:
+                    break
+                self._apply(plan)
                 if not self.scheduler.busy:
                     continue
-                for job in self.running.values():
-                    if job.cancelled:
-                        self.scheduler.cancel(job.sequence)
                 try:
                     left = self.scheduler.step()
                 except Exception as e:  # never take the server down: fail the jobs in the batch
                     log.exception("decoding failed")
                     self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
+                    if self.group is not None:
+                        raise  # the ranks may no longer agree
                     continue
                 for seq in left:
                     self._left(seq)
         finally:
             self._fail_all("the server is shutting down", waiting=True)
 
-    def _admit(self):
-        """Hand new jobs to the scheduler (it admits them as rows free up); block only when idle."""
-        block = not self.scheduler.busy
-        while True:
+    def _plan(self) -> Optional[dict]:
+        """Rank 0's decisions for the next step: new jobs, cancelled ones, or stop. Blocks for a new
+        job only when nothing runs. None on the other ranks (they take rank 0's)."""
+        if self.group is not None and self.group.rank() != 0:
+            return None
+        block, adds = not self.scheduler.busy, []
+        while not (self.stopping.is_set() or self.halted):
             try:
                 job = self.incoming.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
-                return
+                if block:
+                    continue
+                break
             if job is None:
-                return
+                break
             block = False
             if job.cancelled:
                 job.events.put(Finished())
                 continue
+            job.number = next(self.numbers)
+            if self.group is not None and job.settings.temperature > 0 and job.settings.seed is None:
+                # Every rank must draw the same samples: one seed for all, from here.
+                job.settings = dataclasses.replace(job.settings, seed=int.from_bytes(os.urandom(4), "little"))
+            self.planned[job.number] = job
+            adds.append(job.spec())
+        if self.stopping.is_set() or self.halted:
+            return {"stop": True}
+        cancels = [job.number for job in self.running.values() if job.cancelled]
+        return {"stop": False, "add": adds, "cancel": cancels}
+
+    def _apply(self, plan: dict):
+        """Hand the plan's jobs to the scheduler and cancel the plan's cancelled ones, the same on
+        every rank (the one place where sequences are cancelled)."""
+        for spec in plan["add"]:
+            job = self.planned.pop(spec["number"], None) or Job.from_spec(spec)  # other ranks: a job of their own
             cache = self._prompt_cache(job.prompt)
             try:
                 job.sequence = self.scheduler.add(job.prompt, job.settings, decoder=job.decoder,
@@ -157,6 +206,10 @@ class Engine:
                 continue
             job.cached_tokens = job.sequence.state.cached_tokens
             self.running[job.sequence.uid] = job
+        cancelled = set(plan["cancel"])
+        for job in self.running.values():
+            if job.number in cancelled:
+                self.scheduler.cancel(job.sequence)
 
     def _prompt_cache(self, prompt: List[int]):
         """The cache a new request decodes in: a copy of the best stored one, or a fresh one (None

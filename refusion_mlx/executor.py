@@ -31,7 +31,9 @@ class Executor:
         self.model = model
         args = model.args
         self.dtype = model_dtype(model)
-        self.cache = BatchCache(len(model.layers), args.num_key_value_heads, args.head_dim, self.dtype)
+        # This rank's KV heads: fewer than the config's when the model is split across ranks.
+        kv_heads = model.layers[0].self_attn.n_kv_heads
+        self.cache = BatchCache(len(model.layers), kv_heads, args.head_dim, self.dtype)
         self.forwards = 0
         self.bucket = key_bucket()
         # The CPU packs the sequences in one row; devices where calls cost more than arithmetic pad.

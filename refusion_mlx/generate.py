@@ -170,15 +170,18 @@ def cache_from_args(args, model):
 
 def run(args) -> int:
     from .blas import blas_report
-    from .loading import load
+    from .distributed import check_stdin_unused, is_leader, load_for_command, shared_seed
 
+    check_stdin_unused(args.prompt == "-", "--prompt -")
     prompt = read_prompt(args.prompt)
     settings_from_args(args)  # bad flags fail here, before a long load
     check_cache_flags(args)
     knobs = decode_knobs(args)
-    model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
+    # Launched by mlx.launch: this rank's shard; rank 0 prints, the others follow silently.
+    model, tokenizer, group = load_for_command(args.model, args.adapter_path, args.dtype, args.verbose)
+    knobs["seed"] = shared_seed(args.seed, group)  # every rank must sample alike
     warning = off_format_warning(model, args)
-    if warning:
+    if warning and is_leader(group):
         print(warning, file=sys.stderr)
     prompt_cache, saved_prompt, saved_system = cache_from_args(args, model)
     update = stream_to_stdout(stream_generate(

@@ -170,13 +170,16 @@ def check_weight_files(path: Path):
         raise RefusionError(f"no model*.safetensors weights in {path}")
 
 
-def load_model(path: Union[str, Path], dtype: Optional[str] = None, for_cpu: bool = True) -> Model:
+def load_model(path: Union[str, Path], dtype: Optional[str] = None, for_cpu: bool = True,
+               group: Optional[mx.distributed.Group] = None) -> Model:
     """Build the model from a folder (weights + config.json); no tokenizer needed.
 
     ``dtype`` (float16|bfloat16|float32) casts floating weights; by default the
     checkpoint's dtype is kept. ``for_cpu``: a quantized model about to run on the
     CPU is prepared for it (``prepare_quantized_for_cpu``); pass False to keep the
-    checkpoint exactly as stored (to save it again).
+    checkpoint exactly as stored (to save it again). ``group``: a distributed group of
+    several ranks (``distributed.connect``); this rank keeps only its shard of the layers
+    (``Model.shard``): each tensor is read lazily and only this rank's slice of it is kept.
     """
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
@@ -192,12 +195,17 @@ def load_model(path: Union[str, Path], dtype: Optional[str] = None, for_cpu: boo
     except (ValueError, RuntimeError, KeyError, TypeError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RefusionError(f"cannot load weights from {path}: {first}") from None
+    if group is not None:
+        model.shard(group)
     if dtype is not None:
         cast_floating(model, dtype)
     if for_cpu and mx.default_device() == mx.cpu:
         prepare_quantized_for_cpu(model, cast_scales=dtype is None)
     attach_generation_config(model, path)
     try:
+        if model.group is not None:  # layer by layer: one layer's whole tensors in memory at a time
+            for layer in model.layers:
+                mx.eval(layer.parameters())
         mx.eval(model.parameters())
     except (ValueError, RuntimeError) as e:
         raise RefusionError(f"cannot read weights from {path}: {e}") from None
@@ -324,6 +332,7 @@ def load(
     dtype: Optional[str] = None,
     revision: Optional[str] = None,
     for_cpu: bool = True,
+    group: Optional[mx.distributed.Group] = None,
 ) -> Tuple[Model, object]:
     """Load a model and its tokenizer.
 
@@ -339,6 +348,9 @@ def load(
         for_cpu: on the CPU, prepare a quantized model for speed (float32 scales, BLAS for
             multi-token products; see ``prepare_quantized_for_cpu``). False keeps the weights
             exactly as stored, to save them again.
+        group: an ``mx.distributed`` group of several ranks (``distributed.connect()``): this
+            rank loads only its shard of the layers (tensor parallelism, ``Model.shard``).
+            Every rank must call ``load`` with the same arguments.
 
     Returns:
         ``(model, tokenizer)``: our Qwen3 with ``model.args.mask_token_id`` set (from the config,
@@ -351,10 +363,13 @@ def load(
         raise RefusionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if revision is not None and (not isinstance(revision, str) or not revision):
         raise RefusionError(f"revision must be a branch, tag or commit name, got {revision!r}")
+    if group is not None and group.size() > 1 and adapter_path is not None:
+        raise RefusionError("adapters cannot be applied to a model split across ranks; "
+                            "fuse them into the model first (python -m refusion_mlx fuse)")
     path = resolve_path(path_or_repo, revision)
     if dtype is None and path == DEMO_MODEL_PATH:
         dtype = "float32"  # shipped as float16 to stay small; float32 is fast on every device
-    model = load_model(path, dtype=dtype, for_cpu=for_cpu)
+    model = load_model(path, dtype=dtype, for_cpu=for_cpu, group=group)
     tokenizer = load_tokenizer(path, model)
     if model.args.mask_token_id is None:
         model.args.mask_token_id = mask_token_in_files(path)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.models.qwen3 import MLP  # the same SwiGLU block; nothing of ours to add
 
@@ -69,6 +70,16 @@ class ModelArgs(BaseModelArgs):
         if self.rope_type == "linear":
             return 1.0 / float(self.rope_scaling["factor"])
         return 1.0
+
+
+def check_shardable(args: ModelArgs, ranks: int):
+    """Raise unless ``ranks`` splits the KV heads (hence the query heads) and the MLP evenly."""
+    if args.num_key_value_heads % ranks:
+        raise RefusionError(
+            f"{ranks} ranks cannot split the model's {args.num_key_value_heads} KV heads evenly; "
+            f"run on a number of ranks that divides {args.num_key_value_heads}")
+    if args.intermediate_size % ranks:
+        raise RefusionError(f"{ranks} ranks cannot split the MLP's {args.intermediate_size} hidden units evenly")
 
 
 class RotaryEmbedding(nn.Module):
@@ -180,6 +191,7 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.model = Qwen3Model(args)
+        self.group = None  # the tensor-parallel group once ``shard`` has split the layers
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -212,6 +224,44 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(out)
         return self.lm_head(out)
+
+    def shard(self, group: mx.distributed.Group):
+        """Split every layer across ``group``'s ranks (tensor parallelism, as mlx-lm's Qwen3).
+
+        Each rank keeps ``1/N`` of the query and KV heads and of the MLP's hidden units:
+        q/k/v and gate/up become all-to-sharded linears, o_proj and down_proj
+        sharded-to-all ones (one ``all_sum`` each, so two per layer per call). The
+        embedding, the norms and the head stay whole on every rank, so after the sums
+        every rank holds the same hidden states and computes the same logits. The slot
+        cache follows: it is allocated from the keys' shape, i.e. this rank's KV heads.
+        Quantized layers are split the same way (``shard_linear`` keeps them quantized).
+        """
+        N = group.size()
+        if N == 1:
+            return
+        if self.group is not None:
+            raise RefusionError("the model is already sharded")
+        check_shardable(self.args, N)
+        for layer in self.layers:
+            for name, linear in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj)):
+                group_size = getattr(linear, "group_size", None)  # quantized: rows cut across ranks
+                inputs = linear.weight.shape[1] * 32 // linear.bits if group_size else 0
+                if group_size and (inputs // N) % group_size:
+                    raise RefusionError(
+                        f"{N} ranks would cut {name}'s quantization groups of {group_size} "
+                        f"({inputs} inputs, {inputs // N} per rank); quantize with a group size that "
+                        f"divides {inputs // N}, or run on fewer ranks")
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(attn, name, shard_linear(getattr(attn, name), "all-to-sharded", group=group))
+            attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
+            attn.n_heads //= N
+            attn.n_kv_heads //= N
+            mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
+            mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
+            mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
+        self.group = group  # not an array: a plain attribute, not a parameter
 
     def sanitize(self, weights):
         """Drop what our module tree has no place for (tied heads, rotary buffers)."""

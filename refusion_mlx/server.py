@@ -797,8 +797,15 @@ def served_name(model: Optional[str]) -> str:
     return path.resolve().name if path.exists() else model
 
 
+def follow(model) -> int:
+    """A rank other than 0: decode what rank 0 plans, serve nothing, until rank 0 says stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop, and says so
+    Engine(model, DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE).run()
+    return 0
+
+
 def serve(args) -> int:
-    from .loading import load
+    from .distributed import is_leader, load_for_command
 
     if args.max_concurrency < 1 or args.max_queue < 1:
         raise RefusionError("--max-concurrency and --max-queue must be positive")
@@ -815,7 +822,10 @@ def serve(args) -> int:
     logging.getLogger("uvicorn.error").setLevel(logging.INFO if args.verbose else logging.ERROR)
     for name, size in CUDA_CACHE_SIZES.items():  # read by MLX's CUDA backend on first use
         os.environ.setdefault(name, str(size))
-    model, tokenizer = load(args.model, adapter_path=args.adapter_path, dtype=args.dtype)
+    # Launched by mlx.launch: this rank's shard; rank 0 serves, the others decode what it plans.
+    model, tokenizer, group = load_for_command(args.model, args.adapter_path, args.dtype, args.verbose)
+    if not is_leader(group):
+        return follow(model)
     # What loading made (~200k objects: tokenizer, templates, modules) lives as long as the server:
     # out of the collector's sight, a full collection no longer stalls every sequence for ~0.1 s.
     gc.collect()

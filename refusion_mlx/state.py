@@ -79,7 +79,7 @@ def check_prompt_cache(model, prompt_cache: PromptCache):
     cache = prompt_cache.cache
     keys = next((layer.keys for layer in cache.layers if layer.keys is not None), None)
     args = model.args
-    shape = (len(model.layers), args.num_key_value_heads, args.head_dim)
+    shape = (len(model.layers), model.layers[0].self_attn.n_kv_heads, args.head_dim)  # this rank's heads
     if len(cache.layers) != shape[0] or (keys is not None and (keys.shape[1], keys.shape[3]) != shape[1:]):
         have = (len(cache.layers),) + ((keys.shape[1], keys.shape[3]) if keys is not None else ())
         raise RefusionError(f"this prompt cache was made for another model ({have} layers/KV heads/head size, "
