@@ -7,7 +7,7 @@ import sys
 COMMANDS = {
     "generate": "text from a prompt (plan-and-infill)",
     "chat": "a conversation in the terminal, the KV cache kept across turns",
-    "cache_prompt": "prefill a long prompt and save its KV cache to a file",
+    "cache-prompt": "prefill a long prompt and save its KV cache to a file",
     "evaluate": "accuracy and speed against left-to-right decoding",
     "benchmark": "plan-and-infill against left-to-right on one prompt",
     "lora": "fine-tune (LoRA, DoRA, QLoRA, full) with ReFusion's objective",
@@ -17,14 +17,14 @@ COMMANDS = {
     "serve-bench": "load benchmark of the server, plan-and-infill against left-to-right",
 }
 # Module names, where a command's differs (``serve_bench``, also accepted as the command).
-MODULES = {"serve-bench": "serve_bench"}
+MODULES = {"serve-bench": "serve_bench", "cache-prompt": "cache_prompt"}
 ALIASES = {module: command for command, module in MODULES.items()}
 
 
 def usage() -> str:
     lines = [f"usage: {invocation()} <command> [flags]   (<command> --help for its flags)", ""]
     lines += [f"  {name:<12} {what}" for name, what in COMMANDS.items()]
-    lines += ["", "Each is also a module (python -m refusion_mlx.<command>, serve-bench as serve_bench) and "
+    lines += ["", "Each is also a module (python -m refusion_mlx.<command>, with _ for -) and "
               "a console script (refusion-<command>)."]
     return "\n".join(lines)
 

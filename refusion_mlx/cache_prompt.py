@@ -12,12 +12,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .cli import ArgumentParser, add_model_flags, add_prompt_flags, read_prompt, run_command
+from .cli import ArgumentParser, add_model_flags, add_prompt_flags, prog, read_prompt, run_command
 from .errors import RefusionError
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m refusion_mlx.cache_prompt",
+    parser = ArgumentParser(prog=prog("cache_prompt"),
                             description="Prefill a prompt and save its KV cache to a file.")
     add_model_flags(parser)
     add_prompt_flags(parser)

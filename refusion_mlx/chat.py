@@ -13,7 +13,7 @@ model for its conventions.
 import sys
 from typing import List, Optional, Sequence
 
-from .cli import (ArgumentParser, add_cache_flags, add_decode_flags, add_model_flags, check_cache_flags,
+from .cli import (ArgumentParser, add_cache_flags, add_decode_flags, add_model_flags, check_cache_flags, prog,
                   decode_knobs, in_flag_names, run_command, settings_from_args)
 from .state import check_kv_size
 from .settings import settings_for
@@ -24,7 +24,7 @@ RESET = {"r", "/reset"}
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m refusion_mlx.chat",
+    parser = ArgumentParser(prog=prog("chat"),
                             description="Chat with a ReFusion model; the KV cache is kept across turns.")
     add_model_flags(parser)
     parser.add_argument("--system-prompt", help="system message at the start of the conversation")

@@ -22,7 +22,7 @@ FLAG_NAMES: Dict[str, str] = {
 
 
 # Console scripts by module (pyproject.toml's [project.scripts]); `refusion` runs __main__.
-SCRIPTS = {"serve_bench": "refusion-serve-bench"}
+SCRIPTS = {"serve_bench": "refusion-serve-bench", "cache_prompt": "refusion-cache-prompt"}
 
 
 def prog(module: str) -> str:

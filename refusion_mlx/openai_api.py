@@ -57,10 +57,10 @@ class Common(Strict):
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
     top_k: Optional[int] = Field(None, ge=-1)  # mlx-lm's extra; 0 or -1: off
-    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)  # mlx-lm's extra
+    min_p: Optional[float] = None  # mlx-lm's extra
     repetition_penalty: Optional[float] = None  # mlx-lm's extra
     n: Optional[int] = Field(None, ge=1, le=MAX_N)
     seed: Optional[int] = None
@@ -71,11 +71,11 @@ class Common(Strict):
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     logit_bias: Optional[Dict[str, Any]] = None
     user: Optional[str] = None
-    # ReFusion's knobs.
-    slot_size: Optional[int] = Field(None, ge=1)
-    blocks: Optional[int] = Field(None, ge=1)
-    slot_threshold: Optional[float] = Field(None, ge=0.0, le=1.0)
-    token_threshold: Optional[float] = Field(None, ge=0.0, le=1.0)
+    # ReFusion's knobs. Decoding knobs' bounds are checked by settings.KNOB_TABLE's one validator.
+    slot_size: Optional[int] = None
+    blocks: Optional[int] = None
+    slot_threshold: Optional[float] = None
+    token_threshold: Optional[float] = None
     preset: Optional[str] = None
     decoder: Optional[str] = None
 

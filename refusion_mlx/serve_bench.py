@@ -295,7 +295,8 @@ def bench(args) -> int:
     # The warm-up's prompts are not measured (a prompt cache would already hold them).
     examples = test_split(size=args.requests + WARM_UP)
     if not args.shared_prefix:
-        return sweep(args, examples, args.server_arg, mixed=args.mixed)
+        sweep(args, examples, args.server_arg, mixed=args.mixed)
+        return 0
     from .loading import load
 
     system = shared_system_prompt(args.shared_prefix, load(args.model)[1].encode)

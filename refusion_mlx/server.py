@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .cli import ArgumentParser, run_command
+from .cli import ArgumentParser, prog, run_command
 from .engine import Committed, Engine, Failed, Job, RequestError
 from .settings import KNOB_TABLE
 from .errors import RefusionError
@@ -753,7 +753,7 @@ def make_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: 
 # --- command line ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m refusion_mlx.server",
+    parser = ArgumentParser(prog=prog("server"),
                             description="Serve ReFusion over an OpenAI-compatible HTTP API.")
     parser.add_argument("--model", help="local folder or Hugging Face repo id; default: the packaged demo model")
     parser.add_argument("--adapter-path", help="folder with fine-tuned adapters")

@@ -36,6 +36,8 @@ ENTRY_POINTS = {
     "refusion_mlx": "refusion_mlx.__main__",
     "server": "refusion_mlx.server",
     "serve_bench": "refusion_mlx.serve_bench",
+    "chat": "refusion_mlx.chat",
+    "cache_prompt": "refusion_mlx.cache_prompt",
 }
 FAST = ["--max-tokens", "16", "--slot-size", "4", "--blocks", "2"]
 ROWS_OF_DATA = [{"query": f"Add {a} and {b}.", "response": f"{a} + {b} = {a + b}."}
@@ -391,9 +393,33 @@ SERVE_BENCH = {
     "model missing (its server does not start)": lambda c: ["--model", c.path("nowhere"), "--requests", "1"],
 }
 
+def cached(c, *extra):
+    return ["--model", str(c.good_model), "--prompt", "hi", "--prompt-cache-file", c.path("doc.safetensors"), *extra]
+
+
+CHAT = {
+    "model missing": lambda c: ["--model", c.path("nowhere")],
+    "max-kv-size 0": lambda c: ["--model", str(c.good_model), "--max-kv-size", "0"],
+    "max-kv-size too small for one block": lambda c: ["--model", str(c.good_model), *FAST, "--max-kv-size", "3"],
+    "prompt cache file missing": lambda c: ["--model", str(c.good_model), "--prompt-cache-file", c.path("no.safetensors")],
+    "prompt cache file not safetensors": lambda c: ["--model", str(c.good_model), "--prompt-cache-file", c.a_file()],
+    "temp 3": lambda c: ["--model", str(c.good_model), "--temp", "3"],
+}
+
+CACHE_PROMPT = {
+    "model missing": lambda c: ["--model", c.path("nowhere"), "--prompt", "hi", "--prompt-cache-file",
+                                c.path("doc.safetensors")],
+    "max-kv-size 0": lambda c: cached(c, "--max-kv-size", "0"),
+    "file exists, no --force": lambda c: ["--model", str(c.good_model), "--prompt", "hi", "--prompt-cache-file",
+                                          c.a_file()],
+    "folder of the file missing": lambda c: ["--model", str(c.good_model), "--prompt", "hi", "--prompt-cache-file",
+                                             c.path("no/such/folder/doc.safetensors")],
+    "no --prompt-cache-file": lambda c: ["--model", str(c.good_model), "--prompt", "hi"],
+}
+
 TABLES = {
-    "generate": GENERATE, "convert": CONVERT, "lora": LORA, "fuse": FUSE, "evaluate": EVALUATE,
-    "benchmark": BENCHMARK, "demo.tasks": DEMO_TASKS, "refusion_mlx": DISPATCHER, "server": SERVER,
+    "generate": GENERATE, "chat": CHAT, "cache_prompt": CACHE_PROMPT, "convert": CONVERT, "lora": LORA,
+    "fuse": FUSE, "evaluate": EVALUATE, "benchmark": BENCHMARK, "demo.tasks": DEMO_TASKS, "refusion_mlx": DISPATCHER, "server": SERVER,
     "serve_bench": SERVE_BENCH,
 }
 ROWS = [pytest.param(entry, name, id=f"{entry}: {name}") for entry, table in TABLES.items() for name in table]

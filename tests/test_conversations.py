@@ -70,7 +70,7 @@ def test_cache_prompt_then_generate_feeds_only_the_new_prompt(tiny_path, tmp_pat
     used = run_python("-m", "refusion_mlx.generate", "--model", str(tiny_path), "--prompt", " and the cat",
                       "--prompt-cache-file", str(path), "--max-tokens", "8", "--verbose")
     assert used.returncode == 0, used.stderr
-    cached = int(re.search(r"Prompt cache: (\d+) tokens", used.stdout).group(1))
+    cached = int(re.search(r"Prompt cache: (\d+) prompt tokens", used.stdout).group(1))
     assert cached > 20  # the document's tokens, not fed again
 
     for flags, message in ((["--prompt-cache-file", str(tmp_path / "nope")], "does not exist"),

@@ -166,7 +166,7 @@ def test_one_temperature_bound_for_the_api_the_command_lines_and_the_server(tiny
             conn.close()
             assert reply.status == status, body
             if status == 400:
-                assert body["error"]["param"] == "temperature" and "[0.0, 2.0]" in body["error"]["message"], body
+                assert body["error"]["param"] == "temperature" and "[0, 2]" in body["error"]["message"], body
     finally:
         server.terminate()
         server.communicate(timeout=30)
