@@ -20,6 +20,7 @@ Importing this module imports lm-eval (the ``eval`` extra) and registers the mod
 import re
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -176,6 +177,7 @@ class RefusionLM(TemplateLM):
             Without max_tokens the budget is the preset's (512), else the task's max_gen_toks,
             else the model's; fitted to the model's positions.
         batch_size: prompts decoded (or requests scored) together (default 8; ``auto`` too).
+        max_batch_size, device: lm-eval passes them to every model; unused (MLX picks its device).
     """
 
     def __init__(self, model=None, tokenizer=None, pretrained=None, adapter_path=None, dtype=None,
@@ -198,7 +200,8 @@ class RefusionLM(TemplateLM):
         self.batch_size = DEFAULT_BATCH_SIZE if batch_size in (None, "auto") else positive_int("batch_size", batch_size)
         self.model, self.tokenizer = load_model_and_tokenizer(model if model is not None else pretrained,
                                                               tokenizer, adapter_path, dtype)
-        self.model_name = model if isinstance(model, str) else (pretrained or "demo")
+        given = model if model is not None else pretrained
+        self.model_name = str(given) if isinstance(given, (str, Path)) else "demo" if given is None else "model"
         self.eos = frozenset(default_eos(self.tokenizer))
         self.max_length = self.model.args.max_position_embeddings
         self.special = sorted(set(getattr(self.tokenizer, "all_special_tokens", None) or []), key=len, reverse=True)
