@@ -134,3 +134,25 @@ def test_bad_prompt_caches_are_one_clear_error(tiny_model):
     cache.cache.layers = cache.cache.layers[:1]  # as if made for a one-layer model
     with pytest.raises(RefusionError, match="another model"):
         generate_ids(tiny_model, PROMPT, prompt_cache=cache, **KNOBS)
+
+
+def test_eviction_drops_the_oldest_beyond_the_first_positions_and_never_more_than_it_can():
+    from refusion_mlx.kv import SlotLayout
+
+    layout = SlotLayout(0, max_size=32)
+    for start in range(0, 30, 10):  # three commits of 10 entries at positions 0-29
+        view = layout.append(10)
+        layout.record(view, np.arange(start, start + 10))
+        layout.commit(10)
+    assert layout.evict_for(4) == 2  # 30 + 4 > 32: the 2 oldest after the first 4 positions go
+    assert sorted(layout.positions[: layout.length].tolist()) == [0, 1, 2, 3] + list(range(6, 30))
+    big = SlotLayout(0, max_size=100)
+    view = big.append(97)
+    big.record(view, np.arange(97))
+    big.commit(97)
+    assert big.evict_for(5) == 6  # at least 1/16 of the cache at a time
+    small = SlotLayout(0, max_size=64)
+    view = small.append(7)
+    small.record(view, np.arange(7))
+    small.commit(7)
+    assert small.evict_for(58) == 3  # the 1/16 minimum (4) never exceeds what may go (positions 4-6)

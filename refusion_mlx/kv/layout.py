@@ -248,10 +248,11 @@ class SlotLayout:
         """
         if self.max_size is None or self.length + needed <= self.max_size:
             return 0
-        drop = max(self.length + needed - self.max_size, self.max_size // 16)
+        excess = self.length + needed - self.max_size
         candidates = np.flatnonzero(self.positions[: self.length] >= sink)
-        if drop > candidates.size:
+        if excess > candidates.size:
             raise CacheFull(f"a cache of {self.max_size} entries cannot make room for {needed} more")
+        drop = min(max(excess, self.max_size // 16), candidates.size)
         victims = candidates[np.argsort(self.ages[candidates], kind="stable")[:drop]]
         kept = np.ones(self.length, dtype=bool)
         kept[victims] = False
