@@ -121,9 +121,8 @@ def digits_of(n: int, width: int) -> List[int]:
     return [(n // 10 ** i) % 10 for i in range(width)]
 
 
-def addition(rng: random.Random):
-    """Column addition with the carry written out on every line."""
-    a, b = operand(rng), operand(rng)
+def column_addition(a: int, b: int):
+    """(response, answer) of a + b worked column by column, the carry written out on every line."""
     width = max(len(str(a)), len(str(b)))
     lines, carry = [], 0
     for i, (x, y) in enumerate(zip(digits_of(a, width), digits_of(b, width)), 1):
@@ -133,12 +132,11 @@ def addition(rng: random.Random):
     if carry:
         lines.append("The last carry 1 is the leading digit.")
     answer = str(a + b)
-    return rng.choice(ADD_QUERIES).format(a=a, b=b), "\n".join(lines + [f"{ANSWER} {answer}"]), answer
+    return "\n".join(lines + [f"{ANSWER} {answer}"]), answer
 
 
-def subtraction(rng: random.Random):
-    """Column subtraction (larger minus smaller) with the borrow written out on every line."""
-    a, b = sorted((operand(rng), operand(rng)), reverse=True)
+def column_subtraction(a: int, b: int):
+    """(response, answer) of a - b (a >= b) worked column by column, the borrow on every line."""
     width = len(str(a))
     lines, borrow = [], 0
     for i, (x, y) in enumerate(zip(digits_of(a, width), digits_of(b, width)), 1):
@@ -146,58 +144,104 @@ def subtraction(rng: random.Random):
         lines.append(f"Column {i}: {top} - {y} - {borrow} = {top - y - borrow}, borrow {int(top > x)}")
         borrow = int(top > x)
     answer = str(a - b)
-    return rng.choice(SUB_QUERIES).format(a=a, b=b), "\n".join(lines + [f"{ANSWER} {answer}"]), answer
+    return "\n".join(lines + [f"{ANSWER} {answer}"]), answer
+
+
+def sorted_answer(numbers: Sequence[int], order: str):
+    """(response, answer) of a sort, ``order`` "ascending" or "descending"."""
+    answer = ", ".join(map(str, sorted(numbers, reverse=order == "descending")))
+    return f"{ANSWER} {answer}", answer
+
+
+def reversed_answer(words: Sequence[str]):
+    """(response, answer) of reversing a word list."""
+    answer = " ".join(reversed(words))
+    # The lead-in puts a space before the first word, so it is the same token as in the prompt.
+    return f"{ANSWER} {answer}", answer
+
+
+def upper_answer(words: Sequence[str]):
+    """(response, answer) of numbering words in capitals, one per line (the answer is the response)."""
+    answer = "\n".join(f"{k}. {w.upper()}" for k, w in enumerate(words, 1))
+    return answer, answer
+
+
+def sequence_answer(a: int, d: int, n: int, start: int = 0):
+    """(response, answer) of terms ``start`` .. ``start + n - 1`` of a + d k."""
+    answer = ", ".join(str(a + d * k) for k in range(start, start + n))
+    return answer, answer
+
+
+def function_body(kind: str, name: str, op: str, k: int, v: str) -> str:
+    """The Python function of a ``FUNCTION_OPS_BY_KIND`` op with constant ``k`` and argument ``v``."""
+    expr = FUNCTION_OPS_BY_KIND[kind][op][1].format(k=k, v=v)
+    return FUNCTION_BODIES[kind].format(name=name, v=v, expr=expr)
+
+
+# Every maker returns (query, response, answer, state): ``state`` is what a follow-up turn may
+# refer back to (``FOLLOW_UPS`` below); single-turn examples drop it.
+def addition(rng: random.Random):
+    """Column addition with the carry written out on every line."""
+    a, b = operand(rng), operand(rng)
+    response, answer = column_addition(a, b)
+    return rng.choice(ADD_QUERIES).format(a=a, b=b), response, answer, {"number": a + b}
+
+
+def subtraction(rng: random.Random):
+    """Column subtraction (larger minus smaller) with the borrow written out on every line."""
+    a, b = sorted((operand(rng), operand(rng)), reverse=True)
+    response, answer = column_subtraction(a, b)
+    return rng.choice(SUB_QUERIES).format(a=a, b=b), response, answer, {"number": a - b}
 
 
 def sorting(rng: random.Random):
     """Sort 6-16 numbers below 1000, either way round."""
     numbers = [rng.randint(0, 999) for _ in range(rng.randint(6, 16))]
     order = rng.choice(sorted(SORT_QUERIES))
-    answer = ", ".join(map(str, sorted(numbers, reverse=order == "descending")))
+    response, answer = sorted_answer(numbers, order)
     query = rng.choice(SORT_QUERIES[order]).format(items=", ".join(map(str, numbers)))
-    return query, f"{ANSWER} {answer}", answer
+    return query, response, answer, {"numbers": numbers, "order": order}
 
 
 def reversing(rng: random.Random):
     """Reverse a sentence of 16-32 words: pure copying from the prompt."""
     words = [rng.choice(WORDS) for _ in range(rng.randint(16, 32))]
-    answer = " ".join(reversed(words))
-    # The lead-in puts a space before the first word, so it is the same token as in the prompt.
-    return rng.choice(REVERSE_QUERIES).format(words=" ".join(words)), f"{ANSWER} {answer}", answer
+    response, answer = reversed_answer(words)
+    query = rng.choice(REVERSE_QUERIES).format(words=" ".join(words))
+    return query, response, answer, {"words": words[::-1]}
 
 
 def sequence(rng: random.Random):
     """The first n terms of an arithmetic progression (steps may be negative)."""
     n, a = rng.randint(10, 30), rng.randint(0, 200)
     d = rng.choice([s for s in range(-12, 13) if s])
-    answer = ", ".join(str(a + d * k) for k in range(n))
-    return rng.choice(SEQUENCE_QUERIES).format(n=n, a=a, d=d), answer, answer
+    response, answer = sequence_answer(a, d, n)
+    return rng.choice(SEQUENCE_QUERIES).format(n=n, a=a, d=d), response, answer, {"a": a, "d": d, "n": n}
 
 
 def upper_case(rng: random.Random):
     """Number 5-12 words and write them in capitals, one per line."""
     words = [rng.choice(WORDS) for _ in range(rng.randint(5, 12))]
-    answer = "\n".join(f"{k}. {w.upper()}" for k, w in enumerate(words, 1))
-    return rng.choice(UPPER_QUERIES).format(words=", ".join(words)), answer, answer
+    response, answer = upper_answer(words)
+    return rng.choice(UPPER_QUERIES).format(words=", ".join(words)), response, answer, {"words": words}
 
 
 def python_function(rng: random.Random):
     """A small Python function from a template: the skeleton is fixed, name and constant are not."""
     kind, name = rng.choice(FUNCTION_OPS)
-    desc, expr = FUNCTION_OPS_BY_KIND[kind][name]
+    desc = FUNCTION_OPS_BY_KIND[kind][name][0]
     k = rng.randint(2, 199)
     v = rng.choice(SCALAR_ARGS if kind == "scalar" else LIST_ARGS)
-    fill = dict(k=k, v=v)
-    query = rng.choice(FUNCTION_QUERIES).format(name=f"{name}_{k}", desc=desc.format(**fill))
-    body = FUNCTION_BODIES[kind].format(name=f"{name}_{k}", v=v, expr=expr.format(**fill))
-    return query, body, body
+    query = rng.choice(FUNCTION_QUERIES).format(name=f"{name}_{k}", desc=desc.format(k=k, v=v))
+    body = function_body(kind, f"{name}_{k}", name, k, v)
+    return query, body, body, {"kind": kind, "op": name, "k": k, "v": v, "name": f"{name}_{k}"}
 
 
 @dataclass(frozen=True)
 class Family:
     """A task family: how to draw an example and where its final answer starts."""
 
-    make: Callable[[random.Random], tuple]  # rng -> (query, response, answer)
+    make: Callable[[random.Random], tuple]  # rng -> (query, response, answer, state)
     marker: Optional[str] = None  # the answer follows the last marker; None: the whole response
 
 
@@ -240,7 +284,7 @@ def check(example: dict, generated_text: str) -> bool:
 
 def make_example(family: str, rng: random.Random) -> dict:
     """One example of a family."""
-    query, response, answer = FAMILIES[family].make(rng)
+    query, response, answer, _ = FAMILIES[family].make(rng)
     return {"query": query, "response": response, "family": family, "answer": answer}
 
 
