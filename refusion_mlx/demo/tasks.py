@@ -133,9 +133,8 @@ def digits_of(n: int, width: int) -> List[int]:
     return [(n // 10 ** i) % 10 for i in range(width)]
 
 
-def addition(rng: random.Random):
-    """Column addition with the carry written out on every line."""
-    a, b = operand(rng), operand(rng)
+def column_addition(a: int, b: int):
+    """(response, answer) of a + b worked column by column, the carry written out on every line."""
     width = max(len(str(a)), len(str(b)))
     lines, carry = [], 0
     for i, (x, y) in enumerate(zip(digits_of(a, width), digits_of(b, width)), 1):
@@ -145,12 +144,11 @@ def addition(rng: random.Random):
     if carry:
         lines.append("The last carry 1 is the leading digit.")
     answer = addition_answer(a, b)
-    return rng.choice(ADD_QUERIES).format(a=a, b=b), "\n".join(lines + [f"{ANSWER} {answer}"]), answer
+    return marked(answer, lines), answer
 
 
-def subtraction(rng: random.Random):
-    """Column subtraction (larger minus smaller) with the borrow written out on every line."""
-    a, b = sorted((operand(rng), operand(rng)), reverse=True)
+def column_subtraction(a: int, b: int):
+    """(response, answer) of a - b (a >= b) worked column by column, the borrow on every line."""
     width = len(str(a))
     lines, borrow = [], 0
     for i, (x, y) in enumerate(zip(digits_of(a, width), digits_of(b, width)), 1):
@@ -158,7 +156,34 @@ def subtraction(rng: random.Random):
         lines.append(f"Column {i}: {top} - {y} - {borrow} = {top - y - borrow}, borrow {int(top > x)}")
         borrow = int(top > x)
     answer = subtraction_answer(a, b)
-    return rng.choice(SUB_QUERIES).format(a=a, b=b), "\n".join(lines + [f"{ANSWER} {answer}"]), answer
+    return marked(answer, lines), answer
+
+
+def marked(answer: str, working: Sequence[str] = ()) -> str:
+    """A response: the working lines (if any), then the answer after the ``ANSWER`` marker."""
+    return "\n".join(list(working) + [f"{ANSWER} {answer}"])
+
+
+def function_body(kind: str, name: str, op: str, k: int, v: str) -> str:
+    """The Python function of a ``FUNCTION_OPS_BY_KIND`` op with constant ``k`` and argument ``v``."""
+    expr = FUNCTION_OPS_BY_KIND[kind][op][1].format(k=k, v=v)
+    return FUNCTION_BODIES[kind].format(name=name, v=v, expr=expr)
+
+
+# Every maker returns (query, response, answer, state): ``state`` is what a follow-up turn may
+# refer back to (``demo.conversations``); single-turn examples drop it.
+def addition(rng: random.Random):
+    """Column addition with the carry written out on every line."""
+    a, b = operand(rng), operand(rng)
+    response, answer = column_addition(a, b)
+    return rng.choice(ADD_QUERIES).format(a=a, b=b), response, answer, {"number": a + b}
+
+
+def subtraction(rng: random.Random):
+    """Column subtraction (larger minus smaller) with the borrow written out on every line."""
+    a, b = sorted((operand(rng), operand(rng)), reverse=True)
+    response, answer = column_subtraction(a, b)
+    return rng.choice(SUB_QUERIES).format(a=a, b=b), response, answer, {"number": a - b}
 
 
 def sorting(rng: random.Random):
@@ -167,7 +192,7 @@ def sorting(rng: random.Random):
     order = rng.choice(sorted(SORT_QUERIES))
     answer = sort_answer(numbers, order)
     query = rng.choice(SORT_QUERIES[order]).format(items=", ".join(map(str, numbers)))
-    return query, f"{ANSWER} {answer}", answer
+    return query, marked(answer), answer, {"numbers": numbers, "order": order}
 
 
 def reversing(rng: random.Random):
@@ -175,7 +200,8 @@ def reversing(rng: random.Random):
     words = [rng.choice(WORDS) for _ in range(rng.randint(*REVERSE_COUNT))]
     answer = reverse_answer(words)
     # The lead-in puts a space before the first word, so it is the same token as in the prompt.
-    return rng.choice(REVERSE_QUERIES).format(words=" ".join(words)), f"{ANSWER} {answer}", answer
+    query = rng.choice(REVERSE_QUERIES).format(words=" ".join(words))
+    return query, marked(answer), answer, {"words": words[::-1]}
 
 
 def sequence(rng: random.Random):
@@ -183,14 +209,14 @@ def sequence(rng: random.Random):
     n, a = rng.randint(*SEQUENCE_TERMS), rng.randint(*SEQUENCE_START)
     d = rng.choice([s for s in range(SEQUENCE_STEP[0], SEQUENCE_STEP[1] + 1) if s])
     answer = sequence_answer(n, a, d)
-    return rng.choice(SEQUENCE_QUERIES).format(n=n, a=a, d=d), answer, answer
+    return rng.choice(SEQUENCE_QUERIES).format(n=n, a=a, d=d), answer, answer, {"a": a, "d": d, "n": n}
 
 
 def upper_case(rng: random.Random):
     """Number 5-12 words and write them in capitals, one per line."""
     words = [rng.choice(WORDS) for _ in range(rng.randint(*UPPER_COUNT))]
     answer = upper_answer(words)
-    return rng.choice(UPPER_QUERIES).format(words=", ".join(words)), answer, answer
+    return rng.choice(UPPER_QUERIES).format(words=", ".join(words)), answer, answer, {"words": words}
 
 
 def addition_answer(a: int, b: int) -> str:
@@ -209,8 +235,9 @@ def reverse_answer(words: Sequence[str]) -> str:
     return " ".join(reversed(words))
 
 
-def sequence_answer(n: int, a: int, d: int) -> str:
-    return ", ".join(str(a + d * k) for k in range(n))
+def sequence_answer(n: int, a: int, d: int, start: int = 0) -> str:
+    """Terms ``start`` .. ``start + n - 1`` of a + d k."""
+    return ", ".join(str(a + d * k) for k in range(start, start + n))
 
 
 def upper_answer(words: Sequence[str]) -> str:
@@ -223,10 +250,9 @@ def python_function(rng: random.Random):
     desc, expr = FUNCTION_OPS_BY_KIND[kind][name]
     k = rng.randint(*FUNCTION_CONSTANT)
     v = rng.choice(SCALAR_ARGS if kind == "scalar" else LIST_ARGS)
-    fill = dict(k=k, v=v)
-    query = rng.choice(FUNCTION_QUERIES).format(name=f"{name}_{k}", desc=desc.format(**fill))
-    body = FUNCTION_BODIES[kind].format(name=f"{name}_{k}", v=v, expr=expr.format(**fill))
-    return query, body, body
+    query = rng.choice(FUNCTION_QUERIES).format(name=f"{name}_{k}", desc=desc.format(k=k, v=v))
+    body = function_body(kind, f"{name}_{k}", name, k, v)
+    return query, body, body, {"kind": kind, "op": name, "k": k, "v": v, "name": f"{name}_{k}"}
 
 
 def _span(bounds: Tuple[int, int]) -> str:
@@ -300,7 +326,7 @@ class Family:
     a template's fields with the same function ``make`` uses, raising ValueError outside the ranges.
     """
 
-    make: Callable[[random.Random], tuple]  # rng -> (query, response, answer)
+    make: Callable[[random.Random], tuple]  # rng -> (query, response, answer, state)
     marker: Optional[str]  # the answer follows the last marker; None: the whole response
     scope: str
     queries: Tuple[Tuple[str, str], ...] = ()  # (template, order)
@@ -390,7 +416,7 @@ def check(example: dict, generated_text: str) -> bool:
 
 def make_example(family: str, rng: random.Random) -> dict:
     """One example of a family."""
-    query, response, answer = FAMILIES[family].make(rng)
+    query, response, answer, _ = FAMILIES[family].make(rng)
     return {"query": query, "response": response, "family": family, "answer": answer}
 
 
