@@ -73,6 +73,13 @@ def prompt_ids(tokenizer, prompt: Union[str, Sequence[int], List[dict]], system_
     if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(m, dict)
                                                                                        for m in prompt)):
         return check_token_ids("prompt", prompt)
+    text = prompt_text(tokenizer, prompt, system_prompt, use_chat_template, enable_thinking)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def prompt_text(tokenizer, prompt: Union[str, List[dict]], system_prompt: Optional[str] = None,
+                use_chat_template: bool = True, enable_thinking: bool = True) -> str:
+    """The text ``prompt_ids`` encodes (a string or chat messages; same arguments)."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     for message in messages:
         check_text("prompt", message.get("content"))
@@ -91,4 +98,4 @@ def prompt_ids(tokenizer, prompt: Union[str, Sequence[int], List[dict]], system_
         text = messages[0]["content"] + "\n" + messages[1]["content"]
     else:
         raise RefusionError("a multi-turn chat needs a tokenizer with a chat template")
-    return tokenizer.encode(text, add_special_tokens=False)
+    return text

@@ -110,7 +110,7 @@ def test_training_and_decoding_build_the_same_prompt_ids(tmp_path):
 
     from refusion_mlx import load
     from refusion_mlx.tokenizer_utils import prompt_ids
-    from refusion_mlx.tuner.datasets import tokenize_record
+    from refusion_mlx.tuner.datasets import read_examples
 
     path = write_tokenizer(write_checkpoint(tmp_path / "bos", tiny_config()))
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -120,7 +120,9 @@ def test_training_and_decoding_build_the_same_prompt_ids(tmp_path):
     tok.save(str(path / "tokenizer.json"))
     _, tokenizer = load(path)
     assert tokenizer.encode("hi")[0] == bos  # this tokenizer does add one by default
-    example = tokenize_record({"query": "What is 2 + 2?", "response": "4"}, tokenizer, "line 1")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"query": "What is 2 + 2?", "response": "4"}\n')
+    [example] = read_examples(data, tokenizer)
     decoding = prompt_ids(tokenizer, "What is 2 + 2?")
     assert example.prompt == decoding
     assert tokenizer.decode(decoding) == "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
