@@ -4,7 +4,10 @@
     python -m refusion_mlx.chat_bench --shape qwen3-8b         # random weights of the 8B shape
 
 Part 1, a chat with growing history: every turn appends a user message to the conversation
-(its earlier answers included) and decodes with plan-and-infill. With the cache only the new
+(its earlier answers included) and decodes with plan-and-infill. With a model's own tokenizer
+the turns are one of the demo's multi-turn test conversations, rendered by the chat template
+as ``chat`` renders them (the answers as decoded text, so a cache may re-feed an answer whose
+text re-tokenizes differently); with ``--shape``, random token ids appended to the history. With the cache only the new
 turn is fed; without it the whole history is fed again. Per turn it prints the prompt tokens,
 the tokens fed from the prompt, the time to first token and the answer's tokens/s. The time to
 first token is that of a left-to-right first token (the prefill plus one step, in a copy of the
@@ -28,26 +31,63 @@ import mlx.core as mx
 from .cli import ArgumentParser, run_command
 
 
-def user_turns(tokenizer, model, count: int, length: int) -> List[List[int]]:
-    """Token ids of ``count`` user turns: the demo's own test questions, or random tokens."""
+def user_turns(tokenizer, model, count: int, length: int) -> tuple:
+    """(system prompt or None, ``count`` user turns): with a tokenizer, the user messages of the demo's
+    first multi-turn test conversation that has that many turns (texts); else random token ids."""
     import random
 
     if tokenizer is not None:
-        from .demo.tasks import test_split
+        from .demo.conversations import test_split
 
-        return [tokenizer.encode(x["query"]) for x in test_split(size=count)]
+        for record in test_split(size=200):
+            users = [m["content"] for m in record["messages"] if m["role"] == "user"]
+            if len(users) >= count:
+                system = [m["content"] for m in record["messages"] if m["role"] == "system"]
+                return (system or [None])[0], users[:count]
+        from .errors import RefusionError
+
+        raise RefusionError(f"no demo test conversation has {count} turns")
     rng = random.Random(0)
-    return [[rng.randrange(100, model.args.vocab_size - 100) for _ in range(length)] for _ in range(count)]
+    return None, [[rng.randrange(100, model.args.vocab_size - 100) for _ in range(length)] for _ in range(count)]
 
 
-def first_token_time(model, prompt: Sequence[int], prompt_cache=None) -> float:
-    """Seconds to the first token left to right: the prefill of what the cache lacks, plus one step."""
+class History:
+    """A conversation as the next turn's prompt ids: through the chat template when there is a
+    tokenizer (answers as the text the user saw, as ``chat`` keeps them), else token ids joined."""
+
+    def __init__(self, tokenizer, system: Optional[str] = None):
+        self.tokenizer, self.ids = tokenizer, []
+        self.messages = [{"role": "system", "content": system}] if system else []
+
+    def ask(self, turn) -> List[int]:
+        if self.tokenizer is None:
+            self.ids = self.ids + list(turn)
+            return self.ids
+        from .tokenizer_utils import prompt_ids
+
+        self.messages.append({"role": "user", "content": turn})
+        return prompt_ids(self.tokenizer, self.messages)
+
+    def answer(self, ids: List[int]):
+        if self.tokenizer is None:
+            self.ids = self.ids + list(ids)
+        else:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            self.messages.append({"role": "assistant", "content": text})
+
+
+def first_token_time(model, prompt: Sequence[int], prompt_cache=None, repeats: int = 3) -> float:
+    """Seconds to the first token left to right: the prefill of what the cache lacks, plus one step
+    (the median of ``repeats``, each from its own copy of the cache: one run is a few ms on a CPU)."""
     from .autoregressive import generate_ar_ids
 
-    copy = prompt_cache.copy() if prompt_cache is not None else None
-    tic = time.perf_counter()
-    generate_ar_ids(model, list(prompt), max_tokens=1, eos_token_id=[], prompt_cache=copy)
-    return time.perf_counter() - tic
+    times = []
+    for _ in range(repeats):
+        copy = prompt_cache.copy() if prompt_cache is not None else None
+        tic = time.perf_counter()
+        generate_ar_ids(model, list(prompt), max_tokens=1, eos_token_id=[], prompt_cache=copy)
+        times.append(time.perf_counter() - tic)
+    return sorted(times)[len(times) // 2]
 
 
 def decode_turn(model, prompt: Sequence[int], knobs: dict, prompt_cache=None) -> dict:
@@ -73,18 +113,18 @@ def decode_turn(model, prompt: Sequence[int], knobs: dict, prompt_cache=None) ->
                 answer=answer, tps=len(answer) / wall if wall else 0.0)
 
 
-def chat_table(model, turns: List[List[int]], knobs: dict, out):
+def chat_table(model, tokenizer, system: Optional[str], turns: list, knobs: dict, out):
     from .kv import make_prompt_cache
 
     cache = make_prompt_cache(model)
-    history: List[int] = []
+    history = History(tokenizer, system)
     cached_rows, fresh_rows = [], []
     for turn in turns:
-        history = history + turn
-        row = decode_turn(model, history, knobs, cache)
-        fresh_rows.append(decode_turn(model, history, knobs))
+        prompt = history.ask(turn)
+        row = decode_turn(model, prompt, knobs, cache)
+        fresh_rows.append(decode_turn(model, prompt, knobs))
         cached_rows.append(row)
-        history = history + row["answer"]
+        history.answer(row["answer"])
     print("| turn | prompt tokens | fed (cache) | fed (no cache) | TTFT cache (s) | TTFT no cache (s) | "
           "tokens/s cache | tokens/s no cache |", file=out)
     print("|---|---|---|---|---|---|---|---|", file=out)
@@ -154,10 +194,13 @@ def run(args) -> int:
     from .tokenizer_utils import default_eos
 
     knobs["eos"] = default_eos(tokenizer) if tokenizer is not None else []
-    warm = user_turns(tokenizer, model, 1, args.turn_tokens)[0]
+    system, turns = user_turns(tokenizer, model, args.turns, args.turn_tokens)
+    warm = History(tokenizer).ask(turns[0])
     for _ in range(2):  # warm-up: kernels compiled, attention plans made for the first shapes
         decode_turn(model, warm * 4, knobs)
-    chat_table(model, user_turns(tokenizer, model, args.turns, args.turn_tokens), knobs, sys.stdout)
+    if system:
+        print(f"system prompt: {system!r}", file=sys.stdout)
+    chat_table(model, tokenizer, system, turns, knobs, sys.stdout)
     if args.memory_n:
         memory_table(model, args.memory_n, sys.stdout)
     return 0
