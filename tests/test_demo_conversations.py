@@ -148,3 +148,34 @@ def test_evaluate_multi_turn_refuses_single_turn_records(tmp_path, capsys):
     assert evaluate_main(["--multi-turn", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: conversation 1: a multi-turn record needs") and err.count("\n") == 1
+
+
+def test_the_demo_holds_a_three_turn_chat_whose_turns_refer_back():
+    """The shipped demo through the chat command (stdin scripted, its default knobs): each answer
+    builds on the one before, and all three are the numbers the code computes."""
+    from conftest import run_python
+
+    first = 185 + 1442
+    script = ("What is 185 + 1442? Work column by column.\n"
+              "Subtract 871 from the previous answer, column by column.\n"
+              "Add 903410 to that result.\n")
+    chat = run_python("-m", "refusion_mlx.chat", "--verbose", stdin=script)
+    assert chat.returncode == 0, chat.stderr
+    assert re.findall(r"^Answer: (\d+)$", chat.stdout, re.M) == [str(first), str(first - 871),
+                                                                 str(first - 871 + 903410)], chat.stdout
+    cached = [int(n) for n in re.findall(r"\[(\d+) prompt tokens cached", chat.stderr)]
+    assert cached[0] == 0 and cached[1] > 0 and cached[2] > cached[1]  # each turn reuses the history
+
+
+def test_chat_bench_runs_a_templated_conversation_with_and_without_the_cache(tiny_path):
+    from conftest import run_python
+
+    bench = run_python("-m", "refusion_mlx.chat_bench", "--model", str(tiny_path), "--turns", "2",
+                       "--max-tokens", "8", "--memory-n", "0")
+    assert bench.returncode == 0, bench.stderr
+    rows = re.findall(r"^\| (\d) \| (\d+) \| (\d+) \| (\d+) \|", bench.stdout, re.M)
+    assert [r[0] for r in rows] == ["1", "2"], bench.stdout
+    (_, p1, cached1, fresh1), (_, p2, cached2, fresh2) = [tuple(map(int, r)) for r in rows]
+    assert cached1 == fresh1 == p1 and fresh2 == p2  # without a cache every turn feeds its whole prompt
+    assert cached2 <= p2 - p1  # with it turn 2 feeds at most what follows turn 1's prompt
+    assert "turn 2 time to first token" in bench.stdout
