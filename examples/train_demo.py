@@ -126,10 +126,15 @@ def main(argv=None) -> int:
     model = export(out, init, adapters, args, time.perf_counter() - tic)
     print(f"demo model written to {model}")
     if args.ship:
-        shutil.rmtree(DEMO_MODEL_PATH, ignore_errors=True)
-        shutil.copytree(model, DEMO_MODEL_PATH)
-        print(f"shipped to {DEMO_MODEL_PATH}")
+        ship(model)
     return 0
+
+
+def ship(model: Path):
+    """Replace the packaged demo model with ``model``."""
+    shutil.rmtree(DEMO_MODEL_PATH, ignore_errors=True)
+    shutil.copytree(model, DEMO_MODEL_PATH)
+    print(f"shipped to {DEMO_MODEL_PATH}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ budget); the card records how many iterations that was.
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -136,9 +135,7 @@ def main(argv=None) -> int:
     model = train_demo.export(out, init, adapters, export_args(args), seconds)
     print(f"demo model written to {model} ({args.iters_done} iterations)")
     if args.ship:
-        shutil.rmtree(DEMO_MODEL_PATH, ignore_errors=True)
-        shutil.copytree(model, DEMO_MODEL_PATH)
-        print(f"shipped to {DEMO_MODEL_PATH}")
+        train_demo.ship(model)
     return 0
 
 

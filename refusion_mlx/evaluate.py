@@ -25,7 +25,6 @@ tokens fed and seconds per mode, and how often ``keep`` and ``re-prefill`` answe
 """
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -26,14 +26,11 @@ answers a single-turn test question. A conversation stays within ``MAX_TOKENS``
 (estimated) so that its last answer still fits a 2048-position model.
 """
 
-import json
 import random
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..cli import ArgumentParser, run_command
-from ..errors import RefusionError
 from . import tasks
 
 SYSTEM_PROMPTS = (
@@ -263,32 +260,12 @@ def test_split(seed: int = tasks.DEMO_SEED, size: int = DEFAULT_SIZES["test"]) -
 
 def write_splits(folder, seed: int = tasks.DEMO_SEED, sizes: Optional[Dict[str, int]] = None) -> Path:
     """Write train.jsonl, valid.jsonl and test.jsonl of conversations."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, records in make_splits(seed, sizes).items():
-        lines = (json.dumps(x, ensure_ascii=False) for x in records)
-        (folder / f"{name}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return folder
+    return tasks.write_splits(folder, seed, sizes, make_splits)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = ArgumentParser(prog="python -m refusion_mlx.demo.conversations",
-                            description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="folder for train.jsonl / valid.jsonl / test.jsonl")
-    parser.add_argument("--seed", type=int, default=tasks.DEMO_SEED)
-    for name in ORDER[::-1]:
-        parser.add_argument(f"--{name}", type=int, default=DEFAULT_SIZES[name], help=f"{name} conversations")
-    return run_command(_write, parser.parse_args(argv))
-
-
-def _write(args) -> int:
-    """The CLI's work: write the splits and say what was written."""
-    try:
-        folder = write_splits(args.out, args.seed, {n: getattr(args, n) for n in ORDER})
-    except (ValueError, OSError) as e:
-        raise RefusionError(str(e)) from None
-    print(f"wrote {', '.join(f'{getattr(args, n)} {n}' for n in ORDER[::-1])} conversations to {folder}")
-    return 0
+    return tasks.splits_command(argv, "python -m refusion_mlx.demo.conversations", __doc__.split("\n")[0],
+                                "conversations", DEFAULT_SIZES, make_splits)
 
 
 if __name__ == "__main__":

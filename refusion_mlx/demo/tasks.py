@@ -465,12 +465,14 @@ def test_split(seed: int = DEMO_SEED, size: int = DEFAULT_SIZES["test"]) -> List
     return make_splits(seed, {"train": 0, "valid": 0, "test": size})["test"]
 
 
-def write_splits(folder, seed: int = DEMO_SEED, sizes: Optional[Dict[str, int]] = None) -> Path:
-    """Write train.jsonl, valid.jsonl and test.jsonl ({"query","response"} plus family and answer)."""
+def write_splits(folder, seed: int = DEMO_SEED, sizes: Optional[Dict[str, int]] = None,
+                 make: Optional[Callable[..., Dict[str, List[dict]]]] = None) -> Path:
+    """Write train.jsonl, valid.jsonl and test.jsonl of ``make(seed, sizes)`` (default: this module's
+    ``make_splits``, {"query","response"} plus family and answer), one JSON record a line."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, examples in make_splits(seed, sizes).items():
-        lines = (json.dumps(x, ensure_ascii=False) for x in examples)
+    for name, records in (make or make_splits)(seed, sizes).items():
+        lines = (json.dumps(x, ensure_ascii=False) for x in records)
         (folder / f"{name}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return folder
 
@@ -483,24 +485,29 @@ def length_stats(examples: Sequence[dict], encode: Callable[[str], list], key: s
     return {f: (len(v), min(v), sorted(v)[len(v) // 2], max(v)) for f, v in sorted(lengths.items())}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = ArgumentParser(prog="python -m refusion_mlx.demo.tasks",
-                                     description=__doc__.split("\n")[0])
+def splits_command(argv, prog: str, about: str, noun: str, sizes: Dict[str, int],
+                   make: Optional[Callable[..., Dict[str, List[dict]]]] = None) -> int:
+    """The command line that writes a module's splits (``noun``: what a record is) to ``--out``."""
+    parser = ArgumentParser(prog=prog, description=about)
     parser.add_argument("--out", required=True, help="folder for train.jsonl / valid.jsonl / test.jsonl")
     parser.add_argument("--seed", type=int, default=DEMO_SEED)
     for name in ORDER[::-1]:
-        parser.add_argument(f"--{name}", type=int, default=DEFAULT_SIZES[name], help=f"{name} examples")
-    return run_command(_write, parser.parse_args(argv))
+        parser.add_argument(f"--{name}", type=int, default=sizes[name], help=f"{name} {noun}")
+
+    def write(args) -> int:
+        try:
+            folder = write_splits(args.out, args.seed, {n: getattr(args, n) for n in ORDER}, make)
+        except (ValueError, OSError) as e:
+            raise RefusionError(str(e)) from None
+        print(f"wrote {', '.join(f'{getattr(args, n)} {n}' for n in ORDER[::-1])} {noun} to {folder}")
+        return 0
+
+    return run_command(write, parser.parse_args(argv))
 
 
-def _write(args) -> int:
-    """The CLI's work: write the splits and say what was written."""
-    try:
-        folder = write_splits(args.out, args.seed, {n: getattr(args, n) for n in ORDER})
-    except (ValueError, OSError) as e:
-        raise RefusionError(str(e)) from None
-    print(f"wrote {', '.join(f'{getattr(args, n)} {n}' for n in ORDER[::-1])} examples to {folder}")
-    return 0
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return splits_command(argv, "python -m refusion_mlx.demo.tasks", __doc__.split("\n")[0], "examples",
+                          DEFAULT_SIZES)
 
 
 if __name__ == "__main__":
