@@ -2,6 +2,7 @@
 
     python -m refusion_mlx.benchmark [--model PATH_OR_REPO] [--prompt "..."] [knobs]
     python -m refusion_mlx.benchmark --shape qwen3-8b [--dtype bfloat16] [--quantize 4]
+    python -m refusion_mlx.benchmark --shape qwen3-8b --break-even [--presets gsm8k,gpqa]
 
 With ``--model`` (default: the packaged demo model) it decodes a real prompt. With
 ``--shape`` it builds random weights of a named shape instead, so the real model's
@@ -12,7 +13,8 @@ by token count; for plan-and-infill the time per model call and its ratio to pla
 forwards of the same fed tokens after the same context (the decoder's own overhead),
 tokens/s, tokens per model call (and upstream's TPF, for comparison with the paper) and peak memory; left-to-right decoding by this
 package and by mlx-lm's ``generate_step`` on the very same arrays; and the speed-up
-against the faster of the two left-to-right loops.
+against the faster of the two left-to-right loops. ``--break-even`` instead sweeps scripted
+decisions for tokens/s as a function of tokens per call (``break_even.py``).
 """
 
 import argparse
@@ -322,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
     parser.add_argument("--prompt-tokens", type=int, default=200, help="prompt length for --shape")
     parser.add_argument("--ar-tokens", type=int, help="left-to-right tokens for --shape (default min(128, max tokens))")
+    parser.add_argument("--break-even", action="store_true",
+                        help="with --shape: tokens/s against left to right by tokens committed per call, from "
+                             "scripted decisions, and the break-even per setting (break_even.py)")
+    parser.add_argument("--presets", help="with --break-even: comma-separated presets (and 'default') to run "
+                                          "(default: all)")
     parser.add_argument("--prompt", help=f"prompt for --model (default: {DEMO_PROMPT!r})")
     parser.add_argument("--ignore-chat-template", action="store_true")
     parser.add_argument("--preset", choices=sorted(PRESETS))
@@ -342,8 +349,15 @@ def run(args) -> int:
             raise RefusionError(f"--max-tokens must be positive, got {args.max_tokens}")
         if args.prompt_tokens <= 0:
             raise RefusionError(f"--prompt-tokens must be positive, got {args.prompt_tokens}")
-        run_shape(args)
+        if args.break_even:
+            from .break_even import run_break_even
+
+            run_break_even(args)
+        else:
+            run_shape(args)
     else:
+        if args.break_even:
+            raise RefusionError("--break-even needs --shape (random weights of a named shape)")
         if args.quantize:
             raise RefusionError("--quantize applies to --shape; quantize a checkpoint with refusion-convert")
         run_model(args)

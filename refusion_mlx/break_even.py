@@ -1,0 +1,319 @@
+"""Where plan-and-infill wins: tokens/s against left to right as a function of tokens committed
+per model call, and the break-even per knob setting.
+
+    python -m refusion_mlx.benchmark --shape qwen3-8b --break-even [--presets gsm8k,gpqa] [--quantize 4]
+
+Random weights commit about 0.5 tokens per call and a trained model some unknown number, so
+here the decisions are scripted: every forward is the real one at the real shape (``random_model``)
+and runs for its cost, then its logits are replaced by a scripted distribution
+(``ScriptedDecisions``), which says how many slots pass the slot threshold in each plan call and
+how many drafted tokens in a row pass the token threshold. The decoder is the real one
+(``decode.generate_ids``): its calls, their widths and its host work are what is timed. A profile
+fixes the tokens committed per call (``Profile.tokens_per_call``); sweeping profiles gives
+tokens/s as a function of it, and the break-even is where that curve meets the faster
+left-to-right loop (ours or mlx-lm's ``generate_step``) on the same weights.
+
+The plain forward's cost curve (time by tokens fed) measured here is also fitted to a roofline;
+the same fit with a device's published bandwidth and FLOP rate estimates the break-even on a
+device we cannot run (``DEVICES``: Apple GPUs), labelled as an estimate.
+"""
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .presets import PRESETS
+from .settings import DecodeSettings
+
+HIGH, LOW = 0.999, 0.001  # scripted probabilities: above / below every threshold in (0.001, 0.999)
+SCRIPTED_NOTE = (
+    "Scripted decisions: each forward is the real one at this shape and runs for its cost, then its\n"
+    "logits are replaced by a profile's (slots passing the slot threshold per plan call, drafted tokens\n"
+    "passing the token threshold in a row). Tokens per call come from the profile, not from a model;\n"
+    "tokens/s is what the real decoder achieves at that many tokens per call on this device.")
+
+# Apple GPUs: memory bandwidth as Apple publishes it; FP16 FLOP rates are third-party figures
+# (Apple publishes none for M3/M4), so every number derived from them is an estimate.
+DEVICES: Dict[str, Tuple[float, float]] = {  # name: (GB/s, TFLOP/s)
+    "M4 (10-core GPU)": (120, 4.3),
+    "M4 Pro (20-core GPU)": (273, 8.6),
+    "M4 Max (40-core GPU)": (546, 18.0),
+    "M3 Ultra (80-core GPU)": (819, 28.0),
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Scripted decisions. In every plan call the ``slots`` leftmost pending slots pass the slot
+    threshold (the others do not); a drafted token at offset j > 0 of its slot fails the token
+    threshold when j is a multiple of ``run`` (``run`` >= slot size: none fails), so a verify pass
+    accepts ``run`` tokens of a slot and each infill round ``run`` more."""
+
+    slots: int
+    run: int
+
+    def calls_per_iteration(self, slot_size: int) -> int:
+        """Plan + verify, plus 2 per infill round when a slot is not accepted whole."""
+        return 2 if self.run >= slot_size else 2 * math.ceil(slot_size / self.run)
+
+    def tokens_per_call(self, slot_size: int) -> float:
+        """Tokens committed per model call: ``slots`` whole slots per iteration (when the block's
+        slots are a multiple of ``slots`` and nothing is padded)."""
+        return self.slots * slot_size / self.calls_per_iteration(slot_size)
+
+    def describe(self, slot_size: int) -> str:
+        run = "whole slot" if self.run >= slot_size else f"run {self.run}"
+        return f"{self.slots} slot{'s' if self.slots > 1 else ''}, {run}"
+
+
+def profiles(slot_size: int, block_slots: int) -> List[Profile]:
+    """Doubling tokens per call: one slot with runs 1, 2, 4... (infilled), then 2, 4... whole slots."""
+    runs = [1 << k for k in range(int(math.log2(slot_size)) + 1)]
+    out = [Profile(1, r) for r in runs]
+    slots = 2
+    while slots <= block_slots and block_slots % slots == 0:
+        out.append(Profile(slots, slot_size))
+        slots *= 2
+    return out
+
+
+def scripted_text(positions: mx.array, vocab_size: int) -> mx.array:
+    """The token the script puts at each position: anything but the mask (vocab - 2) and 0."""
+    return positions * 7919 % (vocab_size - 3) + 1
+
+
+class ScriptedDecisions:
+    """The model, its logits replaced after every real forward by ``profile``'s distribution.
+
+    Context is ignored (like tests/scripted_model.py): a masked token at position p predicts
+    the script's token at p, a real token at p the one at p + 1; how sure follows the profile.
+    The replacement is built on the device from the forward's own (possibly lazy) inputs, and
+    depends on the real logits (``mx.depends``), so the real forward is always computed and no
+    synchronisation is added. Its extra cost: one elementwise pass over the kept logits.
+    """
+
+    def __init__(self, model, profile: Profile, slot_size: int, prompt_length: int):
+        self.model, self.args, self.layers = model, model.args, model.layers
+        self.profile, self.slot_size, self.prompt_length = profile, slot_size, prompt_length
+        vocab = model.args.vocab_size
+        # With every other logit 0, softmax gives the target exactly p.
+        self.logit = {p: math.log(p * (vocab - 1) / (1 - p)) for p in (HIGH, LOW)}
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, inputs, positions=None, cache=None, view=None, last=None):
+        real = self.model(inputs, positions, cache, view, last=last)
+        return mx.depends(self.scripted(inputs, positions, last).astype(real.dtype), real)
+
+    def scripted(self, inputs: mx.array, positions, last: Optional[int]) -> mx.array:
+        tokens = inputs.reshape(-1)
+        n = tokens.size
+        pos = mx.arange(positions, positions + n) if isinstance(positions, int) else positions.reshape(-1)
+        if last is not None:
+            tokens, pos = tokens[-last:], pos[-last:]
+        S, vocab = self.slot_size, self.args.vocab_size
+        masked = tokens == self.args.mask_token_id
+        offset = (pos - self.prompt_length) % S
+        starts = masked & (offset == 0)
+        # The call's slots in the order fed (a plan feeds pending slots in position order).
+        rank = mx.cumsum(starts.astype(mx.int32)) - 1
+        unsure_start = starts & (rank >= self.profile.slots)
+        following = (offset + 1) % S  # offset of the token a real token predicts
+        hard = (following > 0) & (following % self.profile.run == 0)
+        target = mx.where(masked, scripted_text(pos, vocab), scripted_text(pos + 1, vocab))
+        low = mx.where(masked, unsure_start, hard)
+        value = mx.where(low, self.logit[LOW], self.logit[HIGH])
+        logits = mx.where(mx.arange(vocab)[None] == target[:, None], value[:, None], 0.0)
+        return logits[None]
+
+
+# --- break-even from cost curves -------------------------------------------------------------
+
+def break_even(points: Sequence[Tuple[float, float]], baseline: float) -> Tuple[str, float]:
+    """Tokens per call at which tokens/s reaches ``baseline``, from (tokens per call, tokens/s) points.
+
+    Points are taken in order of tokens per call; the first crossing is interpolated linearly
+    (exact when a call's cost does not depend on how many tokens it commits: tokens/s is then
+    proportional to tokens per call). Returns ("=", value), or ("<", lowest) when the lowest point
+    already wins, or (">", highest) when no point does.
+    """
+    points = sorted(points)
+    if points[0][1] >= baseline:
+        return "<", points[0][0]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if y1 >= baseline:
+            return "=", x0 + (baseline - y0) * (x1 - x0) / (y1 - y0)
+    return ">", points[-1][0]
+
+
+def format_break_even(found: Tuple[str, float]) -> str:
+    relation, value = found
+    return f"{value:.2f}" if relation == "=" else f"{relation}{value:g}"
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """A forward of n tokens costs max(weights / bandwidth, n * flops per token / FLOP rate) + fixed."""
+
+    bandwidth: float  # bytes/s
+    flops: float  # FLOP/s
+    fixed: float = 0.0  # seconds every call pays (host work, launches)
+
+    def seconds(self, weight_bytes: float, flop: float) -> float:
+        return max(weight_bytes / self.bandwidth, flop / self.flops) + self.fixed
+
+
+def fit_roofline(times: Dict[int, float], weight_bytes: float, flop_per_token: float) -> Roofline:
+    """The roofline of measured plain forwards (``times``: tokens fed -> seconds): the one-token
+    forward sets the bandwidth (all of it counted as reading weights), the widest the FLOP rate."""
+    widest = max(times)
+    return Roofline(weight_bytes / times[1], widest * flop_per_token / times[widest])
+
+
+def flop_per_token(args, context: int) -> float:
+    """Forward FLOP per fed token: 2 per weight of the layers and LM head, plus attention over
+    ``context`` keys (scores and values)."""
+    h, inter, L = args.hidden_size, args.intermediate_size, args.num_hidden_layers
+    q = args.num_attention_heads * args.head_dim
+    kv = args.num_key_value_heads * args.head_dim
+    layer = h * (2 * q + 2 * kv) + 3 * h * inter
+    return 2 * (L * layer + h * args.vocab_size) + 4 * L * q * context
+
+
+def estimated_tokens_per_second(calls: Sequence[Tuple[int, int, Optional[int]]], tokens: int, args,
+                                weight_bytes: float, roof: Roofline) -> float:
+    """Tokens/s if each recorded call (tokens fed, context, logits kept) cost what ``roof`` says."""
+    total = sum(roof.seconds(weight_bytes, n * flop_per_token(args, context + n)) for n, context, _ in calls)
+    return tokens / total
+
+
+def estimated_ar_tokens_per_second(args, weight_bytes: float, roof: Roofline, context: int) -> float:
+    return 1 / roof.seconds(weight_bytes, flop_per_token(args, context))
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def cost_shapes(names: Sequence[str]) -> List[Tuple[str, dict, List[str]]]:
+    """The settings to run, one per cost shape (slot size, block length: the thresholds only matter
+    through the profile): (name, knobs, other names sharing its shape)."""
+    named = {name: PRESETS[name] for name in names if name != "default"}
+    if "default" in names:
+        d = DecodeSettings()
+        named["default"] = dict(gen_length=d.gen_length, slot_size=d.slot_size,
+                                serial_num_blocks=d.serial_num_blocks, slot_threshold=d.slot_threshold,
+                                token_threshold=d.token_threshold)
+    shapes: Dict[Tuple[int, int], Tuple[str, dict, List[str]]] = {}
+    for name, knobs in named.items():
+        key = (knobs["slot_size"], DecodeSettings(**knobs).block_length)
+        if key in shapes:
+            shapes[key][2].append(name)
+        else:
+            shapes[key] = (name, knobs, [])
+    return list(shapes.values())
+
+
+def first_blocks(knobs: dict, tokens: int) -> dict:
+    """The setting cut to its first blocks (at least ``tokens`` tokens): the same block length and
+    slots, so every call has the width it has in the full generation."""
+    block = DecodeSettings(**knobs).block_length
+    blocks = min(max(1, -(-tokens // block)), knobs["serial_num_blocks"])
+    return dict(knobs, serial_num_blocks=blocks, gen_length=blocks * block)
+
+
+def run_setting(model, ids: List[int], name: str, knobs: dict, also: List[str], tokens: int, out
+                ) -> List[Tuple[Profile, object, list]]:
+    """Every profile of one setting through the real decoder: (profile, result, recorded calls)."""
+    from .benchmark import RecordingModel, warm_up_prompt
+    from .decode import generate_ids
+
+    knobs = first_blocks(knobs, tokens)
+    S = knobs["slot_size"]
+    settings = DecodeSettings(**knobs)
+    block_slots = settings.block_length // S
+    shared = f"; same cost shape: {', '.join(also)}" if also else ""
+    print(f"\n{name}: slot {S}, block {settings.block_length} tokens ({block_slots} slots); first "
+          f"{settings.serial_num_blocks} block(s) = {settings.gen_length} tokens{shared}", file=out)
+    print(f"{'profile':<20}{'calls':>7}{'tok/call':>9}{'expected':>9}{'fed/call':>9}{'ms/call':>9}{'tok/s':>9}",
+          file=out, flush=True)
+    rows = []
+    for profile in profiles(S, block_slots):
+        short = warm_up_prompt(ids)
+        generate_ids(ScriptedDecisions(model, profile, S, len(short)), short, eos_token_id=[], **knobs)
+        recorder = RecordingModel(ScriptedDecisions(model, profile, S, len(ids)))
+        r = generate_ids(recorder, ids, eos_token_id=[], **knobs)
+        print(f"{profile.describe(S):<20}{r.model_calls:>7}{r.tokens_per_call:>9.2f}"
+              f"{profile.tokens_per_call(S):>9.2f}{r.tokens_fed / r.model_calls:>9.1f}"
+              f"{1000 * r.wall_time / r.model_calls:>9.2f}{r.tokens_per_second:>9.1f}", file=out, flush=True)
+        rows.append((profile, r, list(recorder.calls)))
+    return rows
+
+
+def run_break_even(args, out=None):
+    """The break-even benchmark at ``args.shape`` (``benchmark --shape ... --break-even``)."""
+    from .benchmark import (FORWARD_SIZES, PlainForward, left_to_right_rows, random_model, shape_dtype,
+                            weights_gb)
+
+    out = out or sys.stdout
+    dtype, why = shape_dtype(args.dtype)
+    model = random_model(args.shape, dtype, args.quantize, args.q_group_size)
+    a = model.args
+    wbytes = weights_gb(model) * 1e9
+    names = args.presets.split(",") if args.presets else sorted(PRESETS) + ["default"]
+    unknown = [n for n in names if n != "default" and n not in PRESETS]
+    if unknown:
+        from .errors import RefusionError
+
+        raise RefusionError(f"unknown preset {unknown[0]!r} (choose from {', '.join(sorted(PRESETS))}, default)")
+    ids = mx.random.randint(0, a.vocab_size - 3, (args.prompt_tokens,)).tolist()
+    quant = f", {args.quantize}-bit (group {args.q_group_size})" if args.quantize else ""
+    print(f"break-even, shape {args.shape}: {a.num_hidden_layers} layers, hidden {a.hidden_size}, vocabulary "
+          f"{a.vocab_size}; {dtype} ({why}){quant}; weights {wbytes / 1e9:.2f} GB; device {mx.default_device()}; "
+          f"mlx {mx.__version__}; prompt {len(ids)} tokens", file=out)
+    print(SCRIPTED_NOTE, file=out)
+
+    plain = PlainForward(model, len(ids))
+    sizes = FORWARD_SIZES + (256,)
+    times = {n: plain(n, len(ids), repeats=3) for n in sizes}
+    print("\nplain forward after the prompt, ms by tokens fed: "
+          + ", ".join(f"{n}: {1000 * t:.1f}" for n, t in times.items()), file=out)
+    roof = fit_roofline(times, wbytes, flop_per_token(a, len(ids)))
+    ridge = wbytes / roof.bandwidth * roof.flops / flop_per_token(a, len(ids))
+    print(f"roofline fitted to it: {roof.bandwidth / 1e9:.1f} GB/s, {roof.flops / 1e12:.2f} TFLOP/s "
+          f"(past ~{ridge:.0f} fed tokens a call costs more than a one-token step)", file=out)
+
+    best_ar = left_to_right_rows(model, ids, args.ar_tokens or 32, [], out)
+    ar_context = len(ids) + (args.ar_tokens or 32) // 2
+    summary = []
+    for name, knobs, also in cost_shapes(names):
+        rows = run_setting(model, ids, name, knobs, also, args.max_tokens or 128, out)
+        measured = [(r.tokens_per_call, r.tokens_per_second) for _, r, _ in rows]
+        print("tok/s vs the faster left-to-right loop: "
+              + ", ".join(f"{x:g}: {y / best_ar:.2f}x" for x, y in measured), file=out)
+        found = break_even(measured, best_ar)
+        fitted = break_even([(r.tokens_per_call, estimated_tokens_per_second(calls, len(r.tokens), a, wbytes, roof))
+                             for _, r, calls in rows], estimated_ar_tokens_per_second(a, wbytes, roof, ar_context))
+        estimates = {}
+        for device, (gbps, tflops) in DEVICES.items():
+            apple = Roofline(gbps * 1e9, tflops * 1e12)
+            estimates[device] = break_even(
+                [(r.tokens_per_call, estimated_tokens_per_second(calls, len(r.tokens), a, wbytes, apple))
+                 for _, r, calls in rows], estimated_ar_tokens_per_second(a, wbytes, apple, ar_context))
+        print(f"break-even: {format_break_even(found)} tokens per call measured "
+              f"(the roofline fitted here predicts {format_break_even(fitted)})", file=out)
+        summary.append((", ".join([name] + also), found, fitted, estimates))
+
+    print(f"\nwhere plan-and-infill wins, shape {args.shape} {dtype}{quant}: break-even tokens per call "
+          f"(above it plan-and-infill is faster than left to right)", file=out)
+    print(f"{'setting':<28}{'measured':>10}{'fit':>8}" + "".join(f"{d.split(' (')[0]:>11}" for d in DEVICES),
+          file=out)
+    for label, found, fitted, estimates in summary:
+        print(f"{label:<28}{format_break_even(found):>10}{format_break_even(fitted):>8}"
+              + "".join(f"{format_break_even(e):>11}" for e in estimates.values()), file=out)
+    print("measured: this device; fit: this device's roofline (a check of the model); Apple columns: ESTIMATES\n"
+          "from the recorded calls' widths, Apple's published bandwidth and third-party FP16 FLOP rates at\n"
+          "peak, no host overhead (break-even '<x': even x tokens per call wins; '>x': x does not)", file=out)
