@@ -329,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "scripted decisions, and the break-even per setting (break_even.py)")
     parser.add_argument("--presets", help="with --break-even: comma-separated presets (and 'default') to run "
                                           "(default: all)")
+    parser.add_argument("--plan-slots-sweep", help="with --break-even: comma-separated plan_slots caps; each "
+                                                   "setting is also run capped at each")
     parser.add_argument("--prompt", help=f"prompt for --model (default: {DEMO_PROMPT!r})")
     parser.add_argument("--ignore-chat-template", action="store_true")
     parser.add_argument("--preset", choices=sorted(PRESETS))
@@ -337,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blocks", type=int)
     parser.add_argument("--slot-threshold", type=float)
     parser.add_argument("--token-threshold", type=float)
+    parser.add_argument("--plan-slots", type=int)
     parser.add_argument("--temp", type=float, default=0.0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--verbose", action="store_true", help="under mlx.launch: each rank names its shard")

@@ -170,7 +170,8 @@ class Roofline:
 
 def fit_roofline(times: Dict[int, float], weight_bytes: float, flop_per_token: float) -> Roofline:
     """The roofline of measured plain forwards (``times``: tokens fed -> seconds): the one-token
-    forward sets the bandwidth (all of it counted as reading weights), the widest the FLOP rate."""
+    forward sets the bandwidth (all of it counted as reading weights), the widest the FLOP rate (a
+    lower bound of it where even the widest forward is bandwidth-bound)."""
     widest = max(times)
     return Roofline(weight_bytes / times[1], widest * flop_per_token / times[widest])
 
@@ -198,9 +199,10 @@ def estimated_ar_tokens_per_second(args, weight_bytes: float, roof: Roofline, co
 
 # --- the run ------------------------------------------------------------------------------------
 
-def cost_shapes(names: Sequence[str]) -> List[Tuple[str, dict, List[str]]]:
-    """The settings to run, one per cost shape (slot size, block length: the thresholds only matter
-    through the profile): (name, knobs, other names sharing its shape)."""
+def cost_shapes(names: Sequence[str], plan_slots: Sequence[int] = ()) -> List[Tuple[str, dict, List[str]]]:
+    """The settings to run, one per cost shape (slot size, block length, plan cap: the thresholds
+    only matter through the profile): (name, knobs, other names sharing its shape). With
+    ``plan_slots``, each shape also capped at each of them (where the cap is below its block's slots)."""
     named = {name: PRESETS[name] for name in names if name != "default"}
     if "default" in names:
         d = DecodeSettings()
@@ -214,7 +216,14 @@ def cost_shapes(names: Sequence[str]) -> List[Tuple[str, dict, List[str]]]:
             shapes[key][2].append(name)
         else:
             shapes[key] = (name, knobs, [])
-    return list(shapes.values())
+    capped = []
+    for name, knobs, also in shapes.values():
+        capped.append((name, knobs, also))
+        block_slots = DecodeSettings(**knobs).block_length // knobs["slot_size"]
+        for cap in plan_slots:
+            if cap < block_slots:
+                capped.append((f"{name} plan_slots={cap}", dict(knobs, plan_slots=cap), []))
+    return capped
 
 
 def first_blocks(knobs: dict, tokens: int) -> dict:
@@ -235,15 +244,19 @@ def run_setting(model, ids: List[int], name: str, knobs: dict, also: List[str], 
     S = knobs["slot_size"]
     settings = DecodeSettings(**knobs)
     block_slots = settings.block_length // S
+    planned = min(block_slots, settings.plan_slots or block_slots)  # slots a plan call can pass
     shared = f"; same cost shape: {', '.join(also)}" if also else ""
     print(f"\n{name}: slot {S}, block {settings.block_length} tokens ({block_slots} slots); first "
           f"{settings.serial_num_blocks} block(s) = {settings.gen_length} tokens{shared}", file=out)
     print(f"{'profile':<20}{'calls':>7}{'tok/call':>9}{'expected':>9}{'fed/call':>9}{'ms/call':>9}{'tok/s':>9}",
           file=out, flush=True)
+    short = warm_up_prompt(ids)
+    # Warm-up (kernels built): an infill and a verified commit, in one block of a short prompt.
+    for profile in (Profile(1, max(1, S // 2)), Profile(planned, S)):
+        generate_ids(ScriptedDecisions(model, profile, S, len(short)), short, eos_token_id=[],
+                     **dict(knobs, serial_num_blocks=1, gen_length=settings.block_length))
     rows = []
-    for profile in profiles(S, block_slots):
-        short = warm_up_prompt(ids)
-        generate_ids(ScriptedDecisions(model, profile, S, len(short)), short, eos_token_id=[], **knobs)
+    for profile in profiles(S, planned):
         recorder = RecordingModel(ScriptedDecisions(model, profile, S, len(ids)))
         r = generate_ids(recorder, ids, eos_token_id=[], **knobs)
         print(f"{profile.describe(S):<20}{r.model_calls:>7}{r.tokens_per_call:>9.2f}"
@@ -253,22 +266,33 @@ def run_setting(model, ids: List[int], name: str, knobs: dict, also: List[str], 
     return rows
 
 
+def sweep_arguments(presets: Optional[str], caps: Optional[str]) -> Tuple[List[str], List[int]]:
+    """--presets (default: every preset and the library's default) and --plan-slots-sweep, checked."""
+    from .errors import RefusionError
+
+    names = [n.strip() for n in presets.split(",")] if presets else sorted(PRESETS) + ["default"]
+    unknown = [n for n in names if n != "default" and n not in PRESETS]
+    if unknown:
+        raise RefusionError(f"unknown preset {unknown[0]!r} (choose from {', '.join(sorted(PRESETS))}, default)")
+    parsed = []
+    for cap in (caps.split(",") if caps else []):
+        if not cap.strip().isdigit() or int(cap) < 1:
+            raise RefusionError(f"--plan-slots-sweep takes positive integers, got {cap.strip()!r}")
+        parsed.append(int(cap))
+    return names, parsed
+
+
 def run_break_even(args, out=None):
     """The break-even benchmark at ``args.shape`` (``benchmark --shape ... --break-even``)."""
     from .benchmark import (FORWARD_SIZES, PlainForward, left_to_right_rows, random_model, shape_dtype,
                             weights_gb)
 
     out = out or sys.stdout
+    names, caps = sweep_arguments(args.presets, args.plan_slots_sweep)
     dtype, why = shape_dtype(args.dtype)
     model = random_model(args.shape, dtype, args.quantize, args.q_group_size)
     a = model.args
     wbytes = weights_gb(model) * 1e9
-    names = args.presets.split(",") if args.presets else sorted(PRESETS) + ["default"]
-    unknown = [n for n in names if n != "default" and n not in PRESETS]
-    if unknown:
-        from .errors import RefusionError
-
-        raise RefusionError(f"unknown preset {unknown[0]!r} (choose from {', '.join(sorted(PRESETS))}, default)")
     ids = mx.random.randint(0, a.vocab_size - 3, (args.prompt_tokens,)).tolist()
     quant = f", {args.quantize}-bit (group {args.q_group_size})" if args.quantize else ""
     print(f"break-even, shape {args.shape}: {a.num_hidden_layers} layers, hidden {a.hidden_size}, vocabulary "
@@ -289,7 +313,7 @@ def run_break_even(args, out=None):
     best_ar = left_to_right_rows(model, ids, args.ar_tokens or 32, [], out)
     ar_context = len(ids) + (args.ar_tokens or 32) // 2
     summary = []
-    for name, knobs, also in cost_shapes(names):
+    for name, knobs, also in cost_shapes(names, caps):
         rows = run_setting(model, ids, name, knobs, also, args.max_tokens or 128, out)
         measured = [(r.tokens_per_call, r.tokens_per_second) for _, r, _ in rows]
         print("tok/s vs the faster left-to-right loop: "
@@ -307,6 +331,9 @@ def run_break_even(args, out=None):
               f"(the roofline fitted here predicts {format_break_even(fitted)})", file=out)
         summary.append((", ".join([name] + also), found, fitted, estimates))
 
+    again = left_to_right_rows(model, ids, args.ar_tokens or 32, [], out)
+    print(f"left to right again after the sweep: {again:.1f} tok/s against {best_ar:.1f} before "
+          f"({again / best_ar:.2f}x: how much the machine's speed drifted during the run)", file=out)
     print(f"\nwhere plan-and-infill wins, shape {args.shape} {dtype}{quant}: break-even tokens per call "
           f"(above it plan-and-infill is faster than left to right)", file=out)
     print(f"{'setting':<28}{'measured':>10}{'fit':>8}" + "".join(f"{d.split(' (')[0]:>11}" for d in DEVICES),
