@@ -156,13 +156,37 @@ def plain_time_of(plain: PlainForward, calls: Sequence[Tuple[int, int, Optional[
     return sum(count * plain(n, context, last) for (n, last, context), count in groups.items())
 
 
-def time_mlx_lm(twin, ids: Sequence[int], n: int) -> Tuple[float, List[int]]:
-    """Seconds and tokens of mlx-lm's ``generate_step`` (greedy, prompt included) for ``n`` tokens."""
-    from mlx_lm.generate import generate_step
+def time_mlx_lm(twin, ids: Sequence[int], n: int, prompt_cache=None) -> Tuple[float, List[int]]:
+    """Seconds and tokens of mlx-lm's ``generate_step`` (greedy, prompt included) for ``n`` tokens.
 
+    With ``prompt_cache`` (mlx-lm's, holding all but the last prompt token) only the last prompt
+    token is fed, and the cache is trimmed back to that afterwards."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import trim_prompt_cache
+
+    fed = ids[-1:] if prompt_cache is not None else ids
     tic = time.perf_counter()
-    tokens = [int(t) for t, _ in zip((t for t, _ in generate_step(mx.array(ids), twin, max_tokens=n)), range(n))]
-    return time.perf_counter() - tic, tokens
+    steps = (t for t, _ in generate_step(mx.array(fed), twin, max_tokens=n, prompt_cache=prompt_cache))
+    tokens = [int(t) for t, _ in zip(steps, range(n))]
+    wall = time.perf_counter() - tic
+    if prompt_cache is not None:
+        trim_prompt_cache(prompt_cache, prompt_cache[0].offset - (len(ids) - 1))
+    return wall, tokens
+
+
+def cached_prompts(model, twin, ids: Sequence[int]):
+    """Prompt caches holding ``ids`` (all but the last token) for this package's and for mlx-lm's
+    loop: decoding from them times the decoding alone, without the prefill."""
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+    from .autoregressive import prefill_ids
+    from .kv.prompt import make_prompt_cache
+
+    ours = make_prompt_cache(model)
+    prefill_ids(model, ids, ours)
+    theirs = mlx_lm_cache(twin)
+    mx.eval(twin(mx.array(ids[:-1])[None], cache=theirs))
+    return ours, theirs
 
 
 def warm_up_prompt(ids: Sequence[int]) -> List[int]:
@@ -172,23 +196,28 @@ def warm_up_prompt(ids: Sequence[int]) -> List[int]:
     return list(ids[:8])
 
 
-def left_to_right_rows(model, ids: Sequence[int], n: int, eos: List[int], out, repeats: int = 3) -> float:
+def left_to_right_rows(model, ids: Sequence[int], n: int, eos: List[int], out, repeats: int = 3,
+                       cached: bool = False) -> float:
     """Time left-to-right decoding by this package and by mlx-lm, taking turns; return the faster tokens/s.
 
     Each loop runs the same request ``repeats`` times, alternating with the other (so a
-    busy machine slows both alike); the median of each is printed.
+    busy machine slows both alike); the median of each is printed. ``cached``: both start from
+    a prompt cache holding all but the last prompt token (decoding timed without the prefill).
     """
     twin = mlx_lm_twin(model)
     generate_ar_ids(model, warm_up_prompt(ids), max_tokens=8, eos_token_id=eos)
     time_mlx_lm(twin, warm_up_prompt(ids), 8)
+    ours_cache, theirs_cache = cached_prompts(model, twin, ids) if cached else (None, None)
     ours_runs, theirs_runs = [], []
     for _ in range(repeats):
-        ours = generate_ar_ids(model, ids, max_tokens=n, eos_token_id=eos)
-        wall, theirs = time_mlx_lm(twin, ids, len(ours.tokens))  # as many tokens (ours may stop at an EOS)
+        ours = generate_ar_ids(model, ids, max_tokens=n, eos_token_id=eos, prompt_cache=ours_cache)
+        # As many tokens (ours may stop at an EOS).
+        wall, theirs = time_mlx_lm(twin, ids, len(ours.tokens), theirs_cache)
         ours_runs.append(ours.tokens_per_second)
         theirs_runs.append(len(theirs) / wall)
     ours_tps, theirs_tps = median(ours_runs), median(theirs_runs)
-    print(f"\nleft-to-right, {len(ours.tokens)} tokens after the {len(ids)}-token prompt (prefill included; "
+    prefill = "prompt cached: decoding alone" if cached else "prefill included"
+    print(f"\nleft-to-right, {len(ours.tokens)} tokens after the {len(ids)}-token prompt ({prefill}; "
           f"median of {repeats} runs each, taking turns):", file=out)
     print(f"{'decoder':<28}{'tok/s':>9}{'ms/token':>10}{'vs mlx-lm':>11}", file=out)
     print(f"{'refusion_mlx':<28}{ours_tps:>9.1f}{1000 / max(ours_tps, 1e-9):>10.2f}"

@@ -135,3 +135,24 @@ def test_plan_slots_is_a_flag_a_request_field_and_an_evaluate_key():
     assert knobs["plan_slots"] == 1
     assert setting_name(dict(knobs)).endswith(",ps=1")
     assert "ps=" not in setting_name(dict(knobs, plan_slots=0))
+
+
+def test_decoding_from_a_cached_prompt_keeps_the_profile_and_the_caches_come_back(tiny_model):
+    from refusion_mlx.autoregressive import prefill_ids
+    from refusion_mlx.benchmark import cached_prompts, mlx_lm_twin, time_mlx_lm
+    from refusion_mlx.kv.prompt import make_prompt_cache
+
+    cache = make_prompt_cache(tiny_model)
+    prefill_ids(tiny_model, PROMPT, cache)
+    for _ in range(2):  # the second run reuses the prompt again, the first run's answer dropped
+        inner = RecordingModel(tiny_model)
+        r = generate_ids(ScriptedDecisions(inner, Profile(1, 4), 8, len(PROMPT)), PROMPT, eos_token_id=[],
+                         gen_length=16, slot_size=8, serial_num_blocks=1, prompt_cache=cache)
+        assert r.tokens_per_call == Profile(1, 4).tokens_per_call(8)
+        assert inner.calls[0][0] == 1 + 16  # the last prompt token and the block's masks
+    twin = mlx_lm_twin(tiny_model)
+    _, theirs_cache = cached_prompts(tiny_model, twin, PROMPT)
+    _, fresh = time_mlx_lm(twin, PROMPT, 6)
+    for _ in range(2):
+        _, cached = time_mlx_lm(twin, PROMPT, 6, theirs_cache)
+        assert cached == fresh and theirs_cache[0].offset == len(PROMPT) - 1
