@@ -358,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "scripted decisions, and the break-even per setting (break_even.py)")
     parser.add_argument("--presets", help="with --break-even: comma-separated presets (and 'default') to run "
                                           "(default: all)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="with --break-even: only the Apple GPU estimates, from the calls' widths (no forward "
+                             "of the shape is run)")
     parser.add_argument("--plan-slots-sweep", help="with --break-even: comma-separated plan_slots caps; each "
                                                    "setting is also run capped at each")
     parser.add_argument("--prompt", help=f"prompt for --model (default: {DEMO_PROMPT!r})")
@@ -382,9 +385,9 @@ def run(args) -> int:
         if args.prompt_tokens <= 0:
             raise RefusionError(f"--prompt-tokens must be positive, got {args.prompt_tokens}")
         if args.break_even:
-            from .break_even import run_break_even
+            from .break_even import run_break_even, run_estimate
 
-            run_break_even(args)
+            (run_estimate if args.estimate else run_break_even)(args)
         else:
             run_shape(args)
     else:

@@ -235,37 +235,94 @@ def first_blocks(knobs: dict, tokens: int) -> dict:
     return dict(knobs, serial_num_blocks=blocks, gen_length=blocks * block)
 
 
-def run_setting(model, ids: List[int], name: str, knobs: dict, also: List[str], tokens: int, out,
-                prompt_cache=None) -> List[Tuple[Profile, object, list]]:
-    """Every profile of one setting through the real decoder: (profile, result, recorded calls).
-    ``prompt_cache`` (holding ``ids``): each run feeds only the last prompt token, as left to right."""
-    from .benchmark import RecordingModel, warm_up_prompt
+def record_setting(model, ids: List[int], knobs: dict, prompt_cache=None, out=None
+                   ) -> List[Tuple[Profile, object, list]]:
+    """Every profile of one setting (cut by ``first_blocks``) through the real decoder: (profile,
+    result, recorded calls as (tokens fed, context, logits kept)); with ``out``, a row printed
+    for each. ``prompt_cache`` (holding ``ids``): each run feeds only the last prompt token."""
+    from .benchmark import RecordingModel
     from .decode import generate_ids
 
-    knobs = first_blocks(knobs, tokens)
     S = knobs["slot_size"]
     settings = DecodeSettings(**knobs)
-    block_slots = settings.block_length // S
-    planned = min(block_slots, settings.plan_slots or block_slots)  # slots a plan call can pass
+    rows = []
+    for profile in profiles(S, planned_slots(settings)):
+        recorder = RecordingModel(ScriptedDecisions(model, profile, S, len(ids)))
+        r = generate_ids(recorder, ids, eos_token_id=[], prompt_cache=prompt_cache, **knobs)
+        if out is not None:
+            print(f"{profile.describe(S):<20}{r.model_calls:>7}{r.tokens_per_call:>9.2f}"
+                  f"{profile.tokens_per_call(S):>9.2f}{r.tokens_fed / r.model_calls:>9.1f}"
+                  f"{1000 * r.wall_time / r.model_calls:>9.2f}{r.tokens_per_second:>9.1f}", file=out, flush=True)
+        rows.append((profile, r, list(recorder.calls)))
+    return rows
+
+
+def planned_slots(settings: DecodeSettings) -> int:
+    """Slots a plan call feeds, and so the most that can pass the slot threshold at once."""
+    block_slots = settings.block_length // settings.slot_size
+    return min(block_slots, settings.plan_slots or block_slots)
+
+
+def run_setting(model, ids: List[int], name: str, knobs: dict, also: List[str], out, prompt_cache
+                ) -> List[Tuple[Profile, object, list]]:
+    """``record_setting`` after a warm-up, with its table."""
+    from .benchmark import warm_up_prompt
+    from .decode import generate_ids
+
+    S = knobs["slot_size"]
+    settings = DecodeSettings(**knobs)
     shared = f"; same cost shape: {', '.join(also)}" if also else ""
-    print(f"\n{name}: slot {S}, block {settings.block_length} tokens ({block_slots} slots); first "
+    print(f"\n{name}: slot {S}, block {settings.block_length} tokens ({settings.block_length // S} slots); first "
           f"{settings.serial_num_blocks} block(s) = {settings.gen_length} tokens{shared}", file=out)
     print(f"{'profile':<20}{'calls':>7}{'tok/call':>9}{'expected':>9}{'fed/call':>9}{'ms/call':>9}{'tok/s':>9}",
           file=out, flush=True)
     short = warm_up_prompt(ids)
     # Warm-up (kernels built): an infill and a verified commit, in one block of a short prompt.
-    for profile in (Profile(1, max(1, S // 2)), Profile(planned, S)):
+    for profile in (Profile(1, max(1, S // 2)), Profile(planned_slots(settings), S)):
         generate_ids(ScriptedDecisions(model, profile, S, len(short)), short, eos_token_id=[],
                      **dict(knobs, serial_num_blocks=1, gen_length=settings.block_length))
-    rows = []
-    for profile in profiles(S, planned):
-        recorder = RecordingModel(ScriptedDecisions(model, profile, S, len(ids)))
-        r = generate_ids(recorder, ids, eos_token_id=[], prompt_cache=prompt_cache, **knobs)
-        print(f"{profile.describe(S):<20}{r.model_calls:>7}{r.tokens_per_call:>9.2f}"
-              f"{profile.tokens_per_call(S):>9.2f}{r.tokens_fed / r.model_calls:>9.1f}"
-              f"{1000 * r.wall_time / r.model_calls:>9.2f}{r.tokens_per_second:>9.1f}", file=out, flush=True)
-        rows.append((profile, r, list(recorder.calls)))
-    return rows
+    return record_setting(model, ids, knobs, prompt_cache, out)
+
+
+def device_estimates(rows, args, weight_bytes: float, ar_context: int) -> Dict[str, Tuple[str, float]]:
+    """Break-even per device of ``DEVICES`` from the recorded calls' widths (an estimate)."""
+    found = {}
+    for device, (gbps, tflops) in DEVICES.items():
+        roof = Roofline(gbps * 1e9, tflops * 1e12)
+        found[device] = break_even(
+            [(r.tokens_per_call, estimated_tokens_per_second(calls, len(r.tokens), args, weight_bytes, roof))
+             for _, r, calls in rows], estimated_ar_tokens_per_second(args, weight_bytes, roof, ar_context))
+    return found
+
+
+ESTIMATE_NOTE = (
+    "Apple columns: ESTIMATES from the recorded calls' widths, Apple's published memory bandwidth and\n"
+    "third-party FP16 FLOP rates at peak, a roofline without host overhead (a call costs the longer of\n"
+    "reading the weights and its FLOP); '<x': even x tokens per call wins, '>x': x does not.")
+
+
+def print_summary(title: str, summary, out, measured: bool = True):
+    print(f"\nwhere plan-and-infill wins, {title}: break-even tokens per call (above it plan-and-infill is "
+          f"faster than left to right)", file=out)
+    head = f"{'measured':>10}{'fit':>8}" if measured else ""
+    print(f"{'setting':<28}{head}" + "".join(f"{d.split(' (')[0]:>11}" for d in DEVICES), file=out)
+    for label, found, fitted, estimates in summary:
+        here = f"{format_break_even(found):>10}{format_break_even(fitted):>8}" if measured else ""
+        print(f"{label:<28}{here}" + "".join(f"{format_break_even(e):>11}" for e in estimates.values()), file=out)
+    if measured:
+        print("measured: this device; fit: the roofline fitted to this device's plain forwards (a check of the "
+              "model)", file=out)
+    print(ESTIMATE_NOTE, file=out)
+
+
+def shape_weight_bytes(args, bits: Optional[int], group_size: int) -> float:
+    """Bytes of a shape's weights in bfloat16, or quantized (``nn.quantize``: every Linear and the
+    embedding, with a bfloat16 scale and bias per group)."""
+    h, inter, L, V = args.hidden_size, args.intermediate_size, args.num_hidden_layers, args.vocab_size
+    q = args.num_attention_heads * args.head_dim
+    kv = args.num_key_value_heads * args.head_dim
+    params = L * (h * (2 * q + 2 * kv) + 3 * h * inter) + V * h * (1 if args.tie_word_embeddings else 2)
+    return params * (bits / 8 + 4 / group_size if bits else 2)
 
 
 def sweep_arguments(presets: Optional[str], caps: Optional[str]) -> Tuple[List[str], List[int]]:
@@ -282,6 +339,38 @@ def sweep_arguments(presets: Optional[str], caps: Optional[str]) -> Tuple[List[s
             raise RefusionError(f"--plan-slots-sweep takes positive integers, got {cap.strip()!r}")
         parsed.append(int(cap))
     return names, parsed
+
+
+def run_estimate(args, out=None):
+    """Break-even estimates for Apple GPUs at ``args.shape`` without its forwards
+    (``--break-even --estimate``): the calls' widths depend on the setting, the profile and the
+    prompt only, so a stand-in model of a few layers records them."""
+    from .benchmark import SHAPES
+    from .model import Model, ModelArgs
+
+    out = out or sys.stdout
+    names, caps = sweep_arguments(args.presets, args.plan_slots_sweep)
+    real = ModelArgs(model_type="qwen3", rms_norm_eps=1e-6, **SHAPES[args.shape])
+    wbytes = shape_weight_bytes(real, args.quantize, args.q_group_size)
+    mx.random.seed(0)
+    stand_in = Model(ModelArgs(model_type="qwen3", rms_norm_eps=1e-6, hidden_size=64, num_hidden_layers=1,
+                               intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                               vocab_size=1024, mask_token_id=1022))
+    ids = mx.random.randint(0, 1021, (args.prompt_tokens,)).tolist()
+    quant = f"{args.quantize}-bit (group {args.q_group_size})" if args.quantize else "bfloat16"
+    print(f"break-even ESTIMATES, shape {args.shape} {quant}: weights {wbytes / 1e9:.2f} GB; prompt {len(ids)} "
+          f"tokens; no forward of this shape is run", file=out)
+    from .autoregressive import prefill_ids
+    from .kv.prompt import make_prompt_cache
+
+    prompt_cache = make_prompt_cache(stand_in)  # as the measured run: decoding alone
+    prefill_ids(stand_in, ids, prompt_cache)
+    ar_context = len(ids) + (args.ar_tokens or 32) // 2
+    summary = []
+    for name, knobs, also in cost_shapes(names, caps):
+        rows = record_setting(stand_in, ids, first_blocks(knobs, args.max_tokens or 128), prompt_cache)
+        summary.append((", ".join([name] + also), None, None, device_estimates(rows, real, wbytes, ar_context)))
+    print_summary(f"shape {args.shape} {quant}", summary, out, measured=False)
 
 
 def run_break_even(args, out=None):
@@ -323,33 +412,18 @@ def run_break_even(args, out=None):
     ar_context = len(ids) + (args.ar_tokens or 32) // 2
     summary = []
     for name, knobs, also in cost_shapes(names, caps):
-        rows = run_setting(model, ids, name, knobs, also, args.max_tokens or 128, out, prompt_cache)
+        rows = run_setting(model, ids, name, first_blocks(knobs, args.max_tokens or 128), also, out, prompt_cache)
         measured = [(r.tokens_per_call, r.tokens_per_second) for _, r, _ in rows]
         print("tok/s vs the faster left-to-right loop: "
               + ", ".join(f"{x:g}: {y / best_ar:.2f}x" for x, y in measured), file=out)
         found = break_even(measured, best_ar)
         fitted = break_even([(r.tokens_per_call, estimated_tokens_per_second(calls, len(r.tokens), a, wbytes, roof))
                              for _, r, calls in rows], estimated_ar_tokens_per_second(a, wbytes, roof, ar_context))
-        estimates = {}
-        for device, (gbps, tflops) in DEVICES.items():
-            apple = Roofline(gbps * 1e9, tflops * 1e12)
-            estimates[device] = break_even(
-                [(r.tokens_per_call, estimated_tokens_per_second(calls, len(r.tokens), a, wbytes, apple))
-                 for _, r, calls in rows], estimated_ar_tokens_per_second(a, wbytes, apple, ar_context))
         print(f"break-even: {format_break_even(found)} tokens per call measured "
               f"(the roofline fitted here predicts {format_break_even(fitted)})", file=out)
-        summary.append((", ".join([name] + also), found, fitted, estimates))
+        summary.append((", ".join([name] + also), found, fitted, device_estimates(rows, a, wbytes, ar_context)))
 
     again = left_to_right_rows(model, ids, args.ar_tokens or 32, [], out, cached=True)
     print(f"left to right again after the sweep: {again:.1f} tok/s against {best_ar:.1f} before "
           f"({again / best_ar:.2f}x: how much the machine's speed drifted during the run)", file=out)
-    print(f"\nwhere plan-and-infill wins, shape {args.shape} {dtype}{quant}: break-even tokens per call "
-          f"(above it plan-and-infill is faster than left to right)", file=out)
-    print(f"{'setting':<28}{'measured':>10}{'fit':>8}" + "".join(f"{d.split(' (')[0]:>11}" for d in DEVICES),
-          file=out)
-    for label, found, fitted, estimates in summary:
-        print(f"{label:<28}{format_break_even(found):>10}{format_break_even(fitted):>8}"
-              + "".join(f"{format_break_even(e):>11}" for e in estimates.values()), file=out)
-    print("measured: this device; fit: this device's roofline (a check of the model); Apple columns: ESTIMATES\n"
-          "from the recorded calls' widths, Apple's published bandwidth and third-party FP16 FLOP rates at\n"
-          "peak, no host overhead (break-even '<x': even x tokens per call wins; '>x': x does not)", file=out)
+    print_summary(f"shape {args.shape} {dtype}{quant}", summary, out)

@@ -156,3 +156,35 @@ def test_decoding_from_a_cached_prompt_keeps_the_profile_and_the_caches_come_bac
     for _ in range(2):
         _, cached = time_mlx_lm(twin, PROMPT, 6, theirs_cache)
         assert cached == fresh and theirs_cache[0].offset == len(PROMPT) - 1
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_shape_weight_bytes_match_a_built_model(bits):
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from refusion_mlx.break_even import shape_weight_bytes
+    from refusion_mlx.model import Model, ModelArgs
+
+    args = ModelArgs(model_type="qwen3", rms_norm_eps=1e-6, hidden_size=128, num_hidden_layers=2,
+                     intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     vocab_size=512)
+    model = Model(args)
+    model.set_dtype(mx.bfloat16)
+    if bits:
+        nn.quantize(model, group_size=64, bits=bits)
+    built = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    assert shape_weight_bytes(args, bits, 64) == pytest.approx(built, rel=0.01)  # norms left out
+
+
+def test_the_estimate_mode_prints_apple_break_evens_without_the_shapes_forwards(capsys):
+    from refusion_mlx.benchmark import main
+
+    assert main(["--shape", "qwen3-8b", "--break-even", "--estimate", "--presets", "arc,gpqa",
+                 "--max-tokens", "16", "--prompt-tokens", "8", "--quantize", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "ESTIMATES" in out and "4.61 GB" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("arc", "gpqa"))]
+    # One-slot calls are narrower than any Apple GPU's ridge: each costs one weight read, a step.
+    assert rows[0][0] == "arc" and all(float(v) == pytest.approx(1.0, rel=1e-6) for v in rows[0][1:])
+    assert len(rows) == 2 and len(rows[1]) == 5
