@@ -197,12 +197,13 @@ def warm_up_prompt(ids: Sequence[int]) -> List[int]:
 
 
 def left_to_right_rows(model, ids: Sequence[int], n: int, eos: List[int], out, repeats: int = 3,
-                       cached: bool = False) -> float:
+                       cached: bool = False, pick=median) -> float:
     """Time left-to-right decoding by this package and by mlx-lm, taking turns; return the faster tokens/s.
 
     Each loop runs the same request ``repeats`` times, alternating with the other (so a
     busy machine slows both alike); the median of each is printed. ``cached``: both start from
     a prompt cache holding all but the last prompt token (decoding timed without the prefill).
+    ``pick``: how each loop's runs make one figure (``max``: the fastest, on a shared machine).
     """
     twin = mlx_lm_twin(model)
     generate_ar_ids(model, warm_up_prompt(ids), max_tokens=8, eos_token_id=eos)
@@ -215,10 +216,11 @@ def left_to_right_rows(model, ids: Sequence[int], n: int, eos: List[int], out, r
         wall, theirs = time_mlx_lm(twin, ids, len(ours.tokens), theirs_cache)
         ours_runs.append(ours.tokens_per_second)
         theirs_runs.append(len(theirs) / wall)
-    ours_tps, theirs_tps = median(ours_runs), median(theirs_runs)
+    ours_tps, theirs_tps = pick(ours_runs), pick(theirs_runs)
     prefill = "prompt cached: decoding alone" if cached else "prefill included"
+    picked = "fastest" if pick is max else "median"
     print(f"\nleft-to-right, {len(ours.tokens)} tokens after the {len(ids)}-token prompt ({prefill}; "
-          f"median of {repeats} runs each, taking turns):", file=out)
+          f"{picked} of {repeats} runs each, taking turns):", file=out)
     print(f"{'decoder':<28}{'tok/s':>9}{'ms/token':>10}{'vs mlx-lm':>11}", file=out)
     print(f"{'refusion_mlx':<28}{ours_tps:>9.1f}{1000 / max(ours_tps, 1e-9):>10.2f}"
           f"{ours_tps / theirs_tps:>10.2f}x", file=out)
@@ -361,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--estimate", action="store_true",
                         help="with --break-even: only the Apple GPU estimates, from the calls' widths (no forward "
                              "of the shape is run)")
+    parser.add_argument("--min-calls", type=int, default=32,
+                        help="with --break-even: run each profile again until its runs made this many calls "
+                             "(at most 8 runs); the fastest run counts")
     parser.add_argument("--plan-slots-sweep", help="with --break-even: comma-separated plan_slots caps; each "
                                                    "setting is also run capped at each")
     parser.add_argument("--prompt", help=f"prompt for --model (default: {DEMO_PROMPT!r})")
@@ -384,6 +389,8 @@ def run(args) -> int:
             raise RefusionError(f"--max-tokens must be positive, got {args.max_tokens}")
         if args.prompt_tokens <= 0:
             raise RefusionError(f"--prompt-tokens must be positive, got {args.prompt_tokens}")
+        if args.break_even and args.min_calls < 1:
+            raise RefusionError(f"--min-calls must be positive, got {args.min_calls}")
         if args.break_even:
             from .break_even import run_break_even, run_estimate
 

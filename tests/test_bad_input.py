@@ -368,6 +368,7 @@ BENCHMARK = {
     "--break-even without --shape": lambda c: bench(c, "--break-even"),
     "--break-even with an unknown preset": lambda c: ["--shape", "small", "--break-even", "--presets", "nope"],
     "--plan-slots-sweep 0": lambda c: ["--shape", "small", "--break-even", "--plan-slots-sweep", "0"],
+    "--min-calls 0": lambda c: ["--shape", "small", "--break-even", "--min-calls", "0"],
 }
 
 DEMO_TASKS = {
