@@ -293,14 +293,51 @@ def run_setting(model, ids: List[int], name: str, knobs: dict, also: List[str], 
     return record_setting(model, ids, knobs, prompt_cache, out, min_calls)
 
 
-def device_estimates(rows, args, weight_bytes: float, ar_context: int) -> Dict[str, Tuple[str, float]]:
-    """Break-even per device of ``DEVICES`` from the recorded calls' widths (an estimate)."""
+@dataclass(frozen=True)
+class ScaledCurve:
+    """A measured cost curve moved to another device: a forward of n tokens there costs its one-token
+    step times what a forward of ``n * stretch`` tokens cost here relative to one token, where
+    ``stretch`` = this device's ridge / that device's (the fed tokens past which compute, not the
+    weights' reading, bounds a forward). So the measured curve's soft bend is kept, at the other
+    device's ridge. Linear past the widest forward measured."""
+
+    times: Tuple[Tuple[int, float], ...]  # (tokens fed, seconds) measured here
+    stretch: float
+    step: float  # a one-token forward there (seconds)
+
+    def seconds(self, n: int) -> float:
+        ns, ts = np.array([p[0] for p in self.times], float), np.array([p[1] for p in self.times])
+        x = n * self.stretch
+        t = np.interp(x, ns, ts) if x <= ns[-1] else ts[-1] + (x - ns[-1]) * (ts[-1] - ts[-2]) / (ns[-1] - ns[-2])
+        return self.step * t / ts[0]
+
+
+def ridge(roof: Roofline, weight_bytes: float, flop_per_token: float) -> float:
+    """Fed tokens at which a forward's FLOP take as long as reading the weights."""
+    return weight_bytes / roof.bandwidth * roof.flops / flop_per_token
+
+
+def device_estimates(rows, args, weight_bytes: float, ar_context: int,
+                     measured: Optional[Tuple[Dict[int, float], float]] = None) -> Dict[str, Tuple[str, float]]:
+    """Break-even per device of ``DEVICES`` from the recorded calls' widths (an estimate): each call
+    costing what the device's peak roofline says, or with ``measured`` = (this device's plain
+    forward times, its ridge), what this device's curve says when moved to the device's ridge."""
     found = {}
     for device, (gbps, tflops) in DEVICES.items():
         roof = Roofline(gbps * 1e9, tflops * 1e12)
-        found[device] = break_even(
-            [(r.tokens_per_call, estimated_tokens_per_second(calls, len(r.tokens), args, weight_bytes, roof))
-             for _, r, calls in rows], estimated_ar_tokens_per_second(args, weight_bytes, roof, ar_context))
+        if measured is None:
+            speeds = [(r.tokens_per_call, estimated_tokens_per_second(calls, len(r.tokens), args, weight_bytes, roof))
+                      for _, r, calls in rows]
+            ar = estimated_ar_tokens_per_second(args, weight_bytes, roof, ar_context)
+        else:
+            times, here = measured
+            curve = ScaledCurve(tuple(sorted(times.items())),
+                                here / ridge(roof, weight_bytes, flop_per_token(args, ar_context)),
+                                weight_bytes / roof.bandwidth)
+            speeds = [(r.tokens_per_call, len(r.tokens) / sum(curve.seconds(n) for n, _, _ in calls))
+                      for _, r, calls in rows]
+            ar = 1 / curve.seconds(1)
+        found[device] = break_even(speeds, ar)
     return found
 
 
@@ -311,17 +348,26 @@ ESTIMATE_NOTE = (
 
 
 def print_summary(title: str, summary, out, measured: bool = True):
+    """``summary``: (setting, measured, fitted, Apple peak-roofline estimates, Apple estimates from this
+    device's curve or None) per setting."""
     print(f"\nwhere plan-and-infill wins, {title}: break-even tokens per call (above it plan-and-infill is "
           f"faster than left to right)", file=out)
     head = f"{'measured':>10}{'fit':>8}" if measured else ""
-    print(f"{'setting':<28}{head}" + "".join(f"{d.split(' (')[0]:>11}" for d in DEVICES), file=out)
-    for label, found, fitted, estimates in summary:
+    apple = [d.split(" (")[0] for d in DEVICES]
+    curves = measured and summary and summary[0][4] is not None
+    print(f"{'setting':<28}{head}" + "".join(f"{d:>11}" for d in apple)
+          + ("".join(f"{d + '*':>11}" for d in apple) if curves else ""), file=out)
+    for label, found, fitted, estimates, scaled in summary:
         here = f"{format_break_even(found):>10}{format_break_even(fitted):>8}" if measured else ""
-        print(f"{label:<28}{here}" + "".join(f"{format_break_even(e):>11}" for e in estimates.values()), file=out)
+        print(f"{label:<28}{here}" + "".join(f"{format_break_even(e):>11}" for e in estimates.values())
+              + ("".join(f"{format_break_even(e):>11}" for e in scaled.values()) if curves else ""), file=out)
     if measured:
         print("measured: this device; fit: the roofline fitted to this device's plain forwards (a check of the "
               "model)", file=out)
     print(ESTIMATE_NOTE, file=out)
+    if curves:
+        print("Apple*: ESTIMATES too, each call costing what this device's measured plain-forward curve says,\n"
+              "moved to that Apple GPU's ridge (its step = weights / bandwidth; the curve's bend kept)", file=out)
 
 
 def shape_weight_bytes(args, bits: Optional[int], group_size: int) -> float:
@@ -378,7 +424,8 @@ def run_estimate(args, out=None):
     summary = []
     for name, knobs, also in cost_shapes(names, caps):
         rows = record_setting(stand_in, ids, first_blocks(knobs, args.max_tokens or 128), prompt_cache)
-        summary.append((", ".join([name] + also), None, None, device_estimates(rows, real, wbytes, ar_context)))
+        summary.append((", ".join([name] + also), None, None, device_estimates(rows, real, wbytes, ar_context),
+                        None))
     print_summary(f"shape {args.shape} {quant}", summary, out, measured=False)
 
 
@@ -406,9 +453,9 @@ def run_break_even(args, out=None):
     print("\nplain forward after the prompt, ms by tokens fed: "
           + ", ".join(f"{n}: {1000 * t:.1f}" for n, t in times.items()), file=out)
     roof = fit_roofline(times, wbytes, flop_per_token(a, len(ids)))
-    ridge = wbytes / roof.bandwidth * roof.flops / flop_per_token(a, len(ids))
+    here = ridge(roof, wbytes, flop_per_token(a, len(ids)))
     print(f"roofline fitted to it: {roof.bandwidth / 1e9:.1f} GB/s, {roof.flops / 1e12:.2f} TFLOP/s "
-          f"(past ~{ridge:.0f} fed tokens a call costs more than a one-token step)", file=out)
+          f"(ridge: past ~{here:.0f} fed tokens a call costs more than a one-token step)", file=out)
 
     from .autoregressive import prefill_ids
     from .kv.prompt import make_prompt_cache
@@ -431,7 +478,8 @@ def run_break_even(args, out=None):
                              for _, r, calls in rows], estimated_ar_tokens_per_second(a, wbytes, roof, ar_context))
         print(f"break-even: {format_break_even(found)} tokens per call measured "
               f"(the roofline fitted here predicts {format_break_even(fitted)})", file=out)
-        summary.append((", ".join([name] + also), found, fitted, device_estimates(rows, a, wbytes, ar_context)))
+        summary.append((", ".join([name] + also), found, fitted, device_estimates(rows, a, wbytes, ar_context),
+                        device_estimates(rows, a, wbytes, ar_context, (times, here))))
 
     again = left_to_right_rows(model, ids, args.ar_tokens or 32, [], out, cached=True, pick=max)
     print(f"left to right again after the sweep: {again:.1f} tok/s against {best_ar:.1f} before "

@@ -188,3 +188,16 @@ def test_the_estimate_mode_prints_apple_break_evens_without_the_shapes_forwards(
     # One-slot calls are narrower than any Apple GPU's ridge: each costs one weight read, a step.
     assert rows[0][0] == "arc" and all(float(v) == pytest.approx(1.0, rel=1e-6) for v in rows[0][1:])
     assert len(rows) == 2 and len(rows[1]) == 5
+
+
+def test_a_cost_curve_moved_to_another_ridge():
+    from refusion_mlx.break_even import ScaledCurve
+
+    times = ((1, 0.010), (32, 0.012), (256, 0.040))
+    same = ScaledCurve(times, stretch=1.0, step=0.010)
+    assert [same.seconds(n) for n, _ in times] == pytest.approx([t for _, t in times], rel=1e-12)
+    assert same.seconds(512) == pytest.approx(0.040 + 256 * 0.028 / 224, rel=1e-12)  # linear past 256
+    # A device whose ridge is 8x lower, and whose step is 5 ms: 32 tokens there cost what 256 cost here.
+    there = ScaledCurve(times, stretch=8.0, step=0.005)
+    assert there.seconds(32) == pytest.approx(0.005 * 4.0, rel=1e-12)
+    assert there.seconds(1) == pytest.approx(0.005 * np.interp(8, [1, 32], [0.010, 0.012]) / 0.010, rel=1e-12)
