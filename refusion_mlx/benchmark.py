@@ -198,13 +198,14 @@ def warm_up_prompt(ids: Sequence[int]) -> List[int]:
 
 
 def left_to_right_rows(model, ids: Sequence[int], n: int, eos: List[int], out, repeats: int = 3,
-                       cached: bool = False, pick=median) -> float:
+                       cached: bool = False, pick=median, both: bool = False):
     """Time left-to-right decoding by this package and by mlx-lm, taking turns; return the faster tokens/s.
 
     Each loop runs the same request ``repeats`` times, alternating with the other (so a
     busy machine slows both alike); the median of each is printed. ``cached``: both start from
     a prompt cache holding all but the last prompt token (decoding timed without the prefill).
     ``pick``: how each loop's runs make one figure (``max``: the fastest, on a shared machine).
+    ``both``: return (ours, mlx-lm's) tokens/s.
     """
     twin = mlx_lm_twin(model)
     generate_ar_ids(model, warm_up_prompt(ids), max_tokens=8, eos_token_id=eos)
@@ -227,7 +228,7 @@ def left_to_right_rows(model, ids: Sequence[int], n: int, eos: List[int], out, r
           f"{ours_tps / theirs_tps:>10.2f}x", file=out)
     print(f"{'mlx-lm generate_step':<28}{theirs_tps:>9.1f}{1000 / theirs_tps:>10.2f}{1.0:>10.2f}x", file=out)
     print(f"same tokens: {'yes' if theirs == ours.tokens else 'no'}", file=out)
-    return max(ours_tps, theirs_tps)
+    return (ours_tps, theirs_tps) if both else max(ours_tps, theirs_tps)
 
 
 def describe(knobs: dict) -> str:

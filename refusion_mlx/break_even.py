@@ -238,13 +238,24 @@ def first_blocks(knobs: dict, tokens: int) -> dict:
     return dict(knobs, serial_num_blocks=blocks, gen_length=blocks * block)
 
 
-def record_setting(model, ids: List[int], knobs: dict, prompt_cache=None, out=None, min_calls: int = 1
-                   ) -> List[Tuple[Profile, object, list]]:
-    """Every profile of one setting (cut by ``first_blocks``) through the real decoder: (profile,
-    result, recorded calls as (tokens fed, context, logits kept)); with ``out``, a row printed
-    for each. ``prompt_cache`` (holding ``ids``): each run feeds only the last prompt token.
-    A profile is run again until its runs made ``min_calls`` calls (at most ``MAX_RUNS`` runs);
-    the fastest run is kept (on a shared machine, the least disturbed one)."""
+@dataclass
+class ProfileRun:
+    """One profile of one setting, as measured: its fastest run's result and recorded calls (tokens
+    fed, context, logits kept), and its tokens/s over left to right's measured beside it."""
+
+    profile: Profile
+    result: object  # GenerationResult
+    calls: list
+    vs_ar: Optional[float] = None
+
+
+def record_setting(model, ids: List[int], knobs: dict, prompt_cache=None, out=None, min_calls: int = 1,
+                   left_to_right=None) -> List[ProfileRun]:
+    """Every profile of one setting (cut by ``first_blocks``) through the real decoder; with ``out``,
+    a row printed for each. ``prompt_cache`` (holding ``ids``): each run feeds only the last prompt
+    token. A profile is run again until its runs made ``min_calls`` calls (at most ``MAX_RUNS``);
+    the fastest run is kept. ``left_to_right`` (a function returning tokens/s) runs right after
+    each run, so both meet the same load: the median ratio over the runs is ``vs_ar``."""
     from .benchmark import RecordingModel
     from .decode import generate_ids
 
@@ -252,17 +263,22 @@ def record_setting(model, ids: List[int], knobs: dict, prompt_cache=None, out=No
     settings = DecodeSettings(**knobs)
     rows = []
     for profile in profiles(S, planned_slots(settings)):
-        runs, calls = [], 0
+        runs, ratios, calls = [], [], 0
         while calls < min_calls and len(runs) < MAX_RUNS or not runs:
             recorder = RecordingModel(ScriptedDecisions(model, profile, S, len(ids)))
             runs.append(generate_ids(recorder, ids, eos_token_id=[], prompt_cache=prompt_cache, **knobs))
             calls += runs[-1].model_calls
+            if left_to_right is not None:
+                ratios.append(runs[-1].tokens_per_second / left_to_right())
         r = min(runs, key=lambda run: run.wall_time)
+        row = ProfileRun(profile, r, list(recorder.calls), float(np.median(ratios)) if ratios else None)
         if out is not None:
+            beside = f"{row.vs_ar:>8.2f}x" if ratios else ""
             print(f"{profile.describe(S):<20}{len(runs):>5}{r.model_calls:>7}{r.tokens_per_call:>9.2f}"
                   f"{profile.tokens_per_call(S):>9.2f}{r.tokens_fed / r.model_calls:>9.1f}"
-                  f"{1000 * r.wall_time / r.model_calls:>9.2f}{r.tokens_per_second:>9.1f}", file=out, flush=True)
-        rows.append((profile, r, list(recorder.calls)))
+                  f"{1000 * r.wall_time / r.model_calls:>9.2f}{r.tokens_per_second:>9.1f}{beside}",
+                  file=out, flush=True)
+        rows.append(row)
     return rows
 
 
@@ -273,7 +289,7 @@ def planned_slots(settings: DecodeSettings) -> int:
 
 
 def run_setting(model, ids: List[int], name: str, knobs: dict, also: List[str], out, prompt_cache,
-                min_calls: int) -> List[Tuple[Profile, object, list]]:
+                min_calls: int, left_to_right) -> List[ProfileRun]:
     """``record_setting`` after a warm-up, with its table."""
     from .benchmark import warm_up_prompt
     from .decode import generate_ids
@@ -283,14 +299,14 @@ def run_setting(model, ids: List[int], name: str, knobs: dict, also: List[str], 
     shared = f"; same cost shape: {', '.join(also)}" if also else ""
     print(f"\n{name}: slot {S}, block {settings.block_length} tokens ({settings.block_length // S} slots); first "
           f"{settings.serial_num_blocks} block(s) = {settings.gen_length} tokens{shared}", file=out)
-    print(f"{'profile':<20}{'runs':>5}{'calls':>7}{'tok/call':>9}{'expected':>9}{'fed/call':>9}{'ms/call':>9}{'tok/s':>9}",
-          file=out, flush=True)
+    print(f"{'profile':<20}{'runs':>5}{'calls':>7}{'tok/call':>9}{'expected':>9}{'fed/call':>9}{'ms/call':>9}"
+          f"{'tok/s':>9}{'vs AR':>9}", file=out, flush=True)
     short = warm_up_prompt(ids)
     # Warm-up (kernels built): an infill and a verified commit, in one block of a short prompt.
     for profile in (Profile(1, max(1, S // 2)), Profile(planned_slots(settings), S)):
         generate_ids(ScriptedDecisions(model, profile, S, len(short)), short, eos_token_id=[],
                      **dict(knobs, serial_num_blocks=1, gen_length=settings.block_length))
-    return record_setting(model, ids, knobs, prompt_cache, out, min_calls)
+    return record_setting(model, ids, knobs, prompt_cache, out, min_calls, left_to_right)
 
 
 @dataclass(frozen=True)
@@ -326,16 +342,17 @@ def device_estimates(rows, args, weight_bytes: float, ar_context: int,
     for device, (gbps, tflops) in DEVICES.items():
         roof = Roofline(gbps * 1e9, tflops * 1e12)
         if measured is None:
-            speeds = [(r.tokens_per_call, estimated_tokens_per_second(calls, len(r.tokens), args, weight_bytes, roof))
-                      for _, r, calls in rows]
+            speeds = [(row.result.tokens_per_call,
+                       estimated_tokens_per_second(row.calls, len(row.result.tokens), args, weight_bytes, roof))
+                      for row in rows]
             ar = estimated_ar_tokens_per_second(args, weight_bytes, roof, ar_context)
         else:
             times, here = measured
             curve = ScaledCurve(tuple(sorted(times.items())),
                                 here / ridge(roof, weight_bytes, flop_per_token(args, ar_context)),
                                 weight_bytes / roof.bandwidth)
-            speeds = [(r.tokens_per_call, len(r.tokens) / sum(curve.seconds(n) for n, _, _ in calls))
-                      for _, r, calls in rows]
+            speeds = [(row.result.tokens_per_call,
+                       len(row.result.tokens) / sum(curve.seconds(n) for n, _, _ in row.calls)) for row in rows]
             ar = 1 / curve.seconds(1)
         found[device] = break_even(speeds, ar)
     return found
@@ -462,26 +479,38 @@ def run_break_even(args, out=None):
 
     # Decoding alone is compared: both decoders start from the prompt in a cache (the prefill is
     # the same work for both, and on a compute-poor device it would dominate a short generation).
-    best_ar = left_to_right_rows(model, ids, args.ar_tokens or 32, [], out, cached=True, pick=max)
+    ours, theirs = left_to_right_rows(model, ids, args.ar_tokens or 32, [], out, cached=True, pick=max, both=True)
+    best_ar = max(ours, theirs)
     prompt_cache = make_prompt_cache(model)
     prefill_ids(model, ids, prompt_cache)
+    ar_cache = make_prompt_cache(model)
+    prefill_ids(model, ids, ar_cache)
+
+    def beside() -> float:
+        """Left to right right now: our loop's tokens/s, scaled to the faster loop's (mlx-lm's where it
+        was faster above), so a profile is compared with left to right under the same load."""
+        from .autoregressive import generate_ar_ids
+
+        run = generate_ar_ids(model, ids, max_tokens=args.ar_tokens or 32, eos_token_id=[], prompt_cache=ar_cache)
+        return run.tokens_per_second * best_ar / ours
+
+    print("\nvs AR: each run's tokens/s over left to right's, run right after it on the same prompt cache "
+          "(median over the runs)", file=out)
     ar_context = len(ids) + (args.ar_tokens or 32) // 2
     summary = []
     for name, knobs, also in cost_shapes(names, caps):
         rows = run_setting(model, ids, name, first_blocks(knobs, args.max_tokens or 128), also, out, prompt_cache,
-                           args.min_calls)
-        measured = [(r.tokens_per_call, r.tokens_per_second) for _, r, _ in rows]
-        print("tok/s vs the faster left-to-right loop: "
-              + ", ".join(f"{x:g}: {y / best_ar:.2f}x" for x, y in measured), file=out)
-        found = break_even(measured, best_ar)
-        fitted = break_even([(r.tokens_per_call, estimated_tokens_per_second(calls, len(r.tokens), a, wbytes, roof))
-                             for _, r, calls in rows], estimated_ar_tokens_per_second(a, wbytes, roof, ar_context))
+                           args.min_calls, beside)
+        found = break_even([(row.result.tokens_per_call, row.vs_ar) for row in rows], 1.0)
+        fitted = break_even([(row.result.tokens_per_call,
+                              estimated_tokens_per_second(row.calls, len(row.result.tokens), a, wbytes, roof))
+                             for row in rows], estimated_ar_tokens_per_second(a, wbytes, roof, ar_context))
         print(f"break-even: {format_break_even(found)} tokens per call measured "
               f"(the roofline fitted here predicts {format_break_even(fitted)})", file=out)
         summary.append((", ".join([name] + also), found, fitted, device_estimates(rows, a, wbytes, ar_context),
                         device_estimates(rows, a, wbytes, ar_context, (times, here))))
 
-    again = left_to_right_rows(model, ids, args.ar_tokens or 32, [], out, cached=True, pick=max)
+    again = max(left_to_right_rows(model, ids, args.ar_tokens or 32, [], out, cached=True, pick=max, both=True))
     print(f"left to right again after the sweep: {again:.1f} tok/s against {best_ar:.1f} before "
           f"({again / best_ar:.2f}x: how much the machine's speed drifted during the run)", file=out)
     print_summary(f"shape {args.shape} {dtype}{quant}", summary, out)

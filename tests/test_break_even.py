@@ -201,3 +201,23 @@ def test_a_cost_curve_moved_to_another_ridge():
     there = ScaledCurve(times, stretch=8.0, step=0.005)
     assert there.seconds(32) == pytest.approx(0.005 * 4.0, rel=1e-12)
     assert there.seconds(1) == pytest.approx(0.005 * np.interp(8, [1, 32], [0.010, 0.012]) / 0.010, rel=1e-12)
+
+
+def test_each_profile_is_compared_with_left_to_right_run_beside_it(tiny_model):
+    from refusion_mlx.break_even import MAX_RUNS, record_setting
+
+    beside = []
+
+    def left_to_right():
+        beside.append(1)
+        return 1000.0
+
+    knobs = dict(gen_length=16, slot_size=8, serial_num_blocks=1, slot_threshold=0.9, token_threshold=0.3)
+    rows = record_setting(tiny_model, PROMPT, knobs, min_calls=10_000, left_to_right=left_to_right)
+    assert [row.profile for row in rows] == profiles(8, 2)
+    assert len(beside) == MAX_RUNS * len(rows)  # one beside every run; runs stop at MAX_RUNS
+    for row in rows:
+        assert row.result.tokens_per_call == row.profile.tokens_per_call(8)
+        assert row.vs_ar > 0 and len(row.calls) == row.result.model_calls
+    one = record_setting(tiny_model, PROMPT, knobs, left_to_right=left_to_right)[0]
+    assert one.vs_ar == pytest.approx(one.result.tokens_per_second / 1000.0, rel=1e-9)
