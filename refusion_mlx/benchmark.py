@@ -2,6 +2,7 @@
 
     python -m refusion_mlx.benchmark [--model PATH_OR_REPO] [--prompt "..."] [knobs]
     python -m refusion_mlx.benchmark --shape qwen3-8b [--dtype bfloat16] [--quantize 4]
+    python -m refusion_mlx.benchmark --shape qwen3-8b --break-even [--presets gsm8k,gpqa]
 
 With ``--model`` (default: the packaged demo model) it decodes a real prompt. With
 ``--shape`` it builds random weights of a named shape instead, so the real model's
@@ -12,7 +13,8 @@ by token count; for plan-and-infill the time per model call and its ratio to pla
 forwards of the same fed tokens after the same context (the decoder's own overhead),
 tokens/s, tokens per model call (and upstream's TPF, for comparison with the paper) and peak memory; left-to-right decoding by this
 package and by mlx-lm's ``generate_step`` on the very same arrays; and the speed-up
-against the faster of the two left-to-right loops.
+against the faster of the two left-to-right loops. ``--break-even`` instead sweeps scripted
+decisions for tokens/s as a function of tokens per call (``break_even.py``).
 """
 
 import argparse
@@ -130,8 +132,9 @@ class PlainForward:
         self.cache.commit(max_context)
         self.filled = max_context
 
-    def __call__(self, n: int, context: int, last: Optional[int] = None, repeats: int = 1) -> float:
-        """Median seconds of ``repeats`` forwards, after one untimed warm-up."""
+    def __call__(self, n: int, context: int, last: Optional[int] = None, repeats: int = 1,
+                 pick=None) -> float:
+        """Median seconds of ``repeats`` forwards (or ``pick``'s choice: ``min``), after one untimed warm-up."""
         self.cache.length = self.filled  # the prefix entries stay valid: forwards only write after them
         self.cache.crop(context)
         tokens = mx.ones((1, n), dtype=mx.int32)
@@ -140,7 +143,7 @@ class PlainForward:
             tic = time.perf_counter()
             mx.eval(self.model(tokens, context, self.cache, self.cache.append(n), last=last))
             times.append(time.perf_counter() - tic)
-        return sorted(times[1:])[len(times[1:]) // 2]
+        return pick(times[1:]) if pick else sorted(times[1:])[len(times[1:]) // 2]
 
 
 def plain_time_of(plain: PlainForward, calls: Sequence[Tuple[int, int, Optional[int]]], grain: int = 32) -> float:
@@ -154,13 +157,37 @@ def plain_time_of(plain: PlainForward, calls: Sequence[Tuple[int, int, Optional[
     return sum(count * plain(n, context, last) for (n, last, context), count in groups.items())
 
 
-def time_mlx_lm(twin, ids: Sequence[int], n: int) -> Tuple[float, List[int]]:
-    """Seconds and tokens of mlx-lm's ``generate_step`` (greedy, prompt included) for ``n`` tokens."""
-    from mlx_lm.generate import generate_step
+def time_mlx_lm(twin, ids: Sequence[int], n: int, prompt_cache=None) -> Tuple[float, List[int]]:
+    """Seconds and tokens of mlx-lm's ``generate_step`` (greedy, prompt included) for ``n`` tokens.
 
+    With ``prompt_cache`` (mlx-lm's, holding all but the last prompt token) only the last prompt
+    token is fed, and the cache is trimmed back to that afterwards."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import trim_prompt_cache
+
+    fed = ids[-1:] if prompt_cache is not None else ids
     tic = time.perf_counter()
-    tokens = [int(t) for t, _ in zip((t for t, _ in generate_step(mx.array(ids), twin, max_tokens=n)), range(n))]
-    return time.perf_counter() - tic, tokens
+    steps = (t for t, _ in generate_step(mx.array(fed), twin, max_tokens=n, prompt_cache=prompt_cache))
+    tokens = [int(t) for t, _ in zip(steps, range(n))]
+    wall = time.perf_counter() - tic
+    if prompt_cache is not None:
+        trim_prompt_cache(prompt_cache, prompt_cache[0].offset - (len(ids) - 1))
+    return wall, tokens
+
+
+def cached_prompts(model, twin, ids: Sequence[int]):
+    """Prompt caches holding ``ids`` (all but the last token) for this package's and for mlx-lm's
+    loop: decoding from them times the decoding alone, without the prefill."""
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+    from .autoregressive import prefill_ids
+    from .kv.prompt import make_prompt_cache
+
+    ours = make_prompt_cache(model)
+    prefill_ids(model, ids, ours)
+    theirs = mlx_lm_cache(twin)
+    mx.eval(twin(mx.array(ids[:-1])[None], cache=theirs))
+    return ours, theirs
 
 
 def warm_up_prompt(ids: Sequence[int]) -> List[int]:
@@ -170,30 +197,38 @@ def warm_up_prompt(ids: Sequence[int]) -> List[int]:
     return list(ids[:8])
 
 
-def left_to_right_rows(model, ids: Sequence[int], n: int, eos: List[int], out, repeats: int = 3) -> float:
+def left_to_right_rows(model, ids: Sequence[int], n: int, eos: List[int], out, repeats: int = 3,
+                       cached: bool = False, pick=median, both: bool = False):
     """Time left-to-right decoding by this package and by mlx-lm, taking turns; return the faster tokens/s.
 
     Each loop runs the same request ``repeats`` times, alternating with the other (so a
-    busy machine slows both alike); the median of each is printed.
+    busy machine slows both alike); the median of each is printed. ``cached``: both start from
+    a prompt cache holding all but the last prompt token (decoding timed without the prefill).
+    ``pick``: how each loop's runs make one figure (``max``: the fastest, on a shared machine).
+    ``both``: return (ours, mlx-lm's) tokens/s.
     """
     twin = mlx_lm_twin(model)
     generate_ar_ids(model, warm_up_prompt(ids), max_tokens=8, eos_token_id=eos)
     time_mlx_lm(twin, warm_up_prompt(ids), 8)
+    ours_cache, theirs_cache = cached_prompts(model, twin, ids) if cached else (None, None)
     ours_runs, theirs_runs = [], []
     for _ in range(repeats):
-        ours = generate_ar_ids(model, ids, max_tokens=n, eos_token_id=eos)
-        wall, theirs = time_mlx_lm(twin, ids, len(ours.tokens))  # as many tokens (ours may stop at an EOS)
+        ours = generate_ar_ids(model, ids, max_tokens=n, eos_token_id=eos, prompt_cache=ours_cache)
+        # As many tokens (ours may stop at an EOS).
+        wall, theirs = time_mlx_lm(twin, ids, len(ours.tokens), theirs_cache)
         ours_runs.append(ours.tokens_per_second)
         theirs_runs.append(len(theirs) / wall)
-    ours_tps, theirs_tps = median(ours_runs), median(theirs_runs)
-    print(f"\nleft-to-right, {len(ours.tokens)} tokens after the {len(ids)}-token prompt (prefill included; "
-          f"median of {repeats} runs each, taking turns):", file=out)
+    ours_tps, theirs_tps = pick(ours_runs), pick(theirs_runs)
+    prefill = "prompt cached: decoding alone" if cached else "prefill included"
+    picked = "fastest" if pick is max else "median"
+    print(f"\nleft-to-right, {len(ours.tokens)} tokens after the {len(ids)}-token prompt ({prefill}; "
+          f"{picked} of {repeats} runs each, taking turns):", file=out)
     print(f"{'decoder':<28}{'tok/s':>9}{'ms/token':>10}{'vs mlx-lm':>11}", file=out)
     print(f"{'refusion_mlx':<28}{ours_tps:>9.1f}{1000 / max(ours_tps, 1e-9):>10.2f}"
           f"{ours_tps / theirs_tps:>10.2f}x", file=out)
     print(f"{'mlx-lm generate_step':<28}{theirs_tps:>9.1f}{1000 / theirs_tps:>10.2f}{1.0:>10.2f}x", file=out)
     print(f"same tokens: {'yes' if theirs == ours.tokens else 'no'}", file=out)
-    return max(ours_tps, theirs_tps)
+    return (ours_tps, theirs_tps) if both else max(ours_tps, theirs_tps)
 
 
 def describe(knobs: dict) -> str:
@@ -322,6 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
     parser.add_argument("--prompt-tokens", type=int, default=200, help="prompt length for --shape")
     parser.add_argument("--ar-tokens", type=int, help="left-to-right tokens for --shape (default min(128, max tokens))")
+    parser.add_argument("--break-even", action="store_true",
+                        help="with --shape: tokens/s against left to right by tokens committed per call, from "
+                             "scripted decisions, and the break-even per setting (break_even.py)")
+    parser.add_argument("--presets", help="with --break-even: comma-separated presets (and 'default') to run "
+                                          "(default: all)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="with --break-even: only the Apple GPU estimates, from the calls' widths (no forward "
+                             "of the shape is run)")
+    parser.add_argument("--min-calls", type=int, default=32,
+                        help="with --break-even: run each profile again until its runs made this many calls "
+                             "(at most 8 runs); the fastest run counts")
+    parser.add_argument("--plan-slots-sweep", help="with --break-even: comma-separated plan_slots caps; each "
+                                                   "setting is also run capped at each")
     parser.add_argument("--prompt", help=f"prompt for --model (default: {DEMO_PROMPT!r})")
     parser.add_argument("--ignore-chat-template", action="store_true")
     parser.add_argument("--preset", choices=sorted(PRESETS))
@@ -330,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blocks", type=int)
     parser.add_argument("--slot-threshold", type=float)
     parser.add_argument("--token-threshold", type=float)
+    parser.add_argument("--plan-slots", type=int)
     parser.add_argument("--temp", type=float, default=0.0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--verbose", action="store_true", help="under mlx.launch: each rank names its shard")
@@ -342,8 +391,17 @@ def run(args) -> int:
             raise RefusionError(f"--max-tokens must be positive, got {args.max_tokens}")
         if args.prompt_tokens <= 0:
             raise RefusionError(f"--prompt-tokens must be positive, got {args.prompt_tokens}")
-        run_shape(args)
+        if args.break_even and args.min_calls < 1:
+            raise RefusionError(f"--min-calls must be positive, got {args.min_calls}")
+        if args.break_even:
+            from .break_even import run_break_even, run_estimate
+
+            (run_estimate if args.estimate else run_break_even)(args)
+        else:
+            run_shape(args)
     else:
+        if args.break_even:
+            raise RefusionError("--break-even needs --shape (random weights of a named shape)")
         if args.quantize:
             raise RefusionError("--quantize applies to --shape; quantize a checkpoint with refusion-convert")
         run_model(args)

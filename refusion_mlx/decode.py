@@ -244,9 +244,11 @@ def iterate(state: DecodeState, pending: List[int], settings: DecodeSettings):
     """One plan-verify(-infill) iteration; removes what it decides from ``pending``; returns its
     ``Commit``."""
     S = settings.slot_size
-    drafted = yield from plan(state, pending, settings)
+    # plan_slots: only the leftmost pending slots are drafted (and so can be chosen) this time.
+    candidates = pending[: settings.plan_slots] if settings.plan_slots else pending
+    drafted = yield from plan(state, candidates, settings)
     chosen = choose_slots(drafted.confidence.tolist(), settings.slot_threshold)
-    starts = [pending[i] for i in chosen]
+    starts = [candidates[i] for i in chosen]
     positions = slot_positions(state, starts, S)
     drafts = drafted.drafts[chosen]
     accepted = yield from verify(state, drafts, positions, settings.token_threshold)
@@ -377,6 +379,7 @@ def generate_ids(
     top_p: Optional[float] = None,
     top_k: Optional[int] = None,
     min_p: Optional[float] = None,
+    plan_slots: Optional[int] = None,
     prompt_cache: Optional[PromptCache] = None,
     max_kv_size: Optional[int] = None,
 ) -> GenerationResult:
@@ -402,6 +405,9 @@ def generate_ids(
         preset: a name from ``presets.PRESETS`` (the paper's per-benchmark settings).
         top_p, top_k, min_p: with temperature > 0, draft among fewer tokens (``sampling.truncate``);
             None: all of them.
+        plan_slots: most pending slots a plan call drafts, the leftmost of the block (0: all, as
+            upstream). Fewer makes each plan call cheaper where compute bounds a forward, at the
+            cost of some parallelism (slots further right wait for a later plan).
         prompt_cache: a ``make_prompt_cache`` cache kept across calls: only the prompt tokens it
             does not hold are fed, and it holds prompt + answer afterwards.
         max_kv_size: bound the cache to this many entries (a fresh bounded cache; a prompt
@@ -415,7 +421,7 @@ def generate_ids(
     settings = settings_for(model, len(prompt_ids), preset=preset, gen_length=gen_length, slot_size=slot_size,
                             serial_num_blocks=serial_num_blocks, slot_threshold=slot_threshold,
                             token_threshold=token_threshold, temperature=temperature, seed=seed,
-                            top_p=top_p, top_k=top_k, min_p=min_p)
+                            top_p=top_p, top_k=top_k, min_p=min_p, plan_slots=plan_slots)
     prompt_cache = bounded_cache(model, prompt_cache, max_kv_size)
     state = start_state(model, prompt_ids, settings, mask_id, eos_token_id, prompt_cache)
     warn_if_slow_blas()  # once per process, and only for a request that proved good

@@ -38,7 +38,8 @@ DEFAULT_SETTINGS = (
 KEYS = {"s": "slot_size", "slot": "slot_size", "slot_size": "slot_size",
         "b": "serial_num_blocks", "blocks": "serial_num_blocks", "serial_num_blocks": "serial_num_blocks",
         "st": "slot_threshold", "slot_threshold": "slot_threshold",
-        "tt": "token_threshold", "token_threshold": "token_threshold"}
+        "tt": "token_threshold", "token_threshold": "token_threshold",
+        "ps": "plan_slots", "plan_slots": "plan_slots"}
 AR_NAME = "left-to-right"
 
 
@@ -90,10 +91,10 @@ def parse_setting(text: str, gen_length: Optional[int]) -> dict:
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
         if not sep or key.strip() not in KEYS:
-            raise RefusionError(f"bad setting {text!r}: expected key=value with keys s, b, st, tt")
+            raise RefusionError(f"bad setting {text!r}: expected key=value with keys s, b, st, tt, ps")
         name = KEYS[key.strip()]
         try:
-            knobs[name] = int(value) if name in ("slot_size", "serial_num_blocks") else float(value)
+            knobs[name] = int(value) if name in ("slot_size", "serial_num_blocks", "plan_slots") else float(value)
         except ValueError:
             raise RefusionError(f"bad setting {text!r}: {part} is not a number") from None
     try:
@@ -105,8 +106,9 @@ def parse_setting(text: str, gen_length: Optional[int]) -> dict:
 
 def setting_name(knobs: dict) -> str:
     """The canonical spelling of a setting, as the table prints it."""
+    capped = f",ps={knobs['plan_slots']}" if knobs.get("plan_slots") else ""  # 0, all: the default
     return (f"s={knobs['slot_size']},b={knobs['serial_num_blocks']},"
-            f"st={knobs['slot_threshold']:g},tt={knobs['token_threshold']:g}")
+            f"st={knobs['slot_threshold']:g},tt={knobs['token_threshold']:g}{capped}")
 
 
 def read_examples(data: str, limit: Optional[int]) -> List[dict]:

@@ -58,7 +58,7 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int], List[dic
         use_chat_template: format the prompt with the tokenizer's chat template (as upstream).
         enable_thinking: the template's thinking switch (on, as upstream evaluates).
         **knobs: ``generate_ids``'s: gen_length, slot_size, serial_num_blocks, slot_threshold,
-            token_threshold, temperature, seed, top_p, top_k, min_p, mask_id, eos_token_id, preset,
+            token_threshold, plan_slots, temperature, seed, top_p, top_k, min_p, mask_id, eos_token_id, preset,
             prompt_cache, max_kv_size. Unset ones come from the preset, then the model's own
             defaults, then the library's.
     """

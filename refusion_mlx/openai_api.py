@@ -76,6 +76,7 @@ class Common(Strict):
     blocks: Optional[int] = None
     slot_threshold: Optional[float] = None
     token_threshold: Optional[float] = None
+    plan_slots: Optional[int] = None
     preset: Optional[str] = None
     decoder: Optional[str] = None
 

@@ -8,7 +8,7 @@ Endpoints, each also without the ``/v1`` prefix: ``POST /v1/chat/completions`` a
 ``GET /v1/models``, ``GET /v1/models/{id}``; and ``GET /health``. Request bodies are OpenAI's
 schemas (``openai_api``: every field honoured, or accepted while neutral, or refused by name),
 plus ReFusion's knobs: ``slot_size``, ``blocks``, ``slot_threshold``, ``token_threshold``,
-``preset``, and ``decoder`` (``plan-and-infill`` or ``left-to-right``).
+``plan_slots``, ``preset``, and ``decoder`` (``plan-and-infill`` or ``left-to-right``).
 
 HTTP is uvicorn's (h11: strict parsing, keep-alive, timeouts) with Starlette's routing; every
 answer that is not a 200, the protocol's own 400/431 included, is OpenAI's JSON error shape.

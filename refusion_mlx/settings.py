@@ -51,6 +51,9 @@ KNOB_TABLE = (
          "first-token confidence to pick a slot"),
     Knob("token_threshold", "--token-threshold", "token_threshold", float, 0.0, 1.0,
          "probability to accept a drafted token"),
+    Knob("plan_slots", "--plan-slots", "plan_slots", int, 0, None,
+         "most pending slots a plan call feeds, the leftmost of the block (0: all, as upstream); fewer "
+         "makes every call cheaper where compute is scarce, at the cost of some parallelism"),
     Knob("temperature", "--temp", "temperature", float, 0.0, MAX_TEMPERATURE,
          f"sampling temperature in [0, {MAX_TEMPERATURE:g}] (0: greedy)"),
     Knob("seed", "--seed", "seed", int, 0, SEED_LIMIT - 1, "random seed for sampling", optional=True),
@@ -77,6 +80,10 @@ class DecodeSettings:
     serial_num_blocks: int = 32
     slot_threshold: float = 0.6
     token_threshold: float = 0.3
+    # Most pending slots one plan call feeds (0: all of the block's, as upstream). A plan call
+    # costs as many fed tokens as it drafts; where compute, not the weights' reading, bounds a
+    # forward (Apple GPUs, CPUs, 4-bit) a capped plan stays near a one-token step's cost.
+    plan_slots: int = 0
     temperature: float = 0.0
     seed: Optional[int] = None
     # Sampling (temperature > 0) among fewer tokens: sampling.truncate; the defaults keep all.

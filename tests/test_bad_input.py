@@ -364,6 +364,11 @@ BENCHMARK = {
     "model missing": lambda c: bench(c, model=c.path("nowhere")),
     "--model and --shape": lambda c: bench(c, "--shape", "small"),
     "--shape with 0 prompt tokens": lambda c: ["--shape", "small", "--prompt-tokens", "0", *FAST],
+    "plan slots -1": lambda c: bench(c, "--plan-slots", "-1"),
+    "--break-even without --shape": lambda c: bench(c, "--break-even"),
+    "--break-even with an unknown preset": lambda c: ["--shape", "small", "--break-even", "--presets", "nope"],
+    "--plan-slots-sweep 0": lambda c: ["--shape", "small", "--break-even", "--plan-slots-sweep", "0"],
+    "--min-calls 0": lambda c: ["--shape", "small", "--break-even", "--min-calls", "0"],
 }
 
 DEMO_TASKS = {
