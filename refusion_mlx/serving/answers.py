@@ -18,6 +18,7 @@ class Answer:
         self.job = job
         self.transcript = TextTranscript(job.eos, job.max_tokens, tokenizer, stops)
         self.sent = 0  # characters of text already streamed
+        self.scored = 0  # gap-free positions whose logprobs were already given
 
     def add(self, commit: Commit):
         self.transcript.add(commit)
@@ -49,6 +50,21 @@ class Answer:
         self.sent = len(text)
         return piece
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.job.settings.logprobs is not None
+
+    def scores(self, final: bool = False) -> List[tuple]:
+        """(position, token, logprob, top pairs) of the returned tokens not given yet whose text is
+        streamed (all of them when ``final``); EOS has no text and no entry."""
+        t = self.transcript
+        upto = t.returned_tokens() if final else t.covering(self.sent)
+        if upto <= self.scored:
+            return []
+        entries = [(self.scored + i, *e) for i, e in enumerate(t.prefix_scores(upto)[self.scored:])]
+        self.scored = upto
+        return [e for e in entries if e[1] not in t.eos_ids]
+
 
 class Reply:
     """OpenAI's response objects for one request's choices."""
@@ -70,25 +86,44 @@ class Reply:
                 "total_tokens": self.prompt_tokens + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
+    def logprobs(self, answer: Answer, entries: List[tuple]) -> Optional[dict]:
+        """OpenAI's logprobs object for these ``Answer.scores`` entries (None when not asked)."""
+        if not answer.wants_logprobs:
+            return None
+        decode = answer.transcript.tokenizer.decode
+        if self.chat:
+            def item(token, logprob):
+                text = decode([token])
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "surrogatepass"))}
+            return {"content": [{**item(token, lp), "top_logprobs": [item(*pair) for pair in top]}
+                                for _, token, lp, top in entries], "refusal": None}
+        prefix = answer.transcript.prefix(with_eos=False)
+        return {"tokens": [decode([token]) for _, token, _, _ in entries],
+                "token_logprobs": [lp for _, _, lp, _ in entries],
+                "top_logprobs": [{decode([t]): v for t, v in top} for _, _, _, top in entries],
+                "text_offset": [len(self.echo) + min(len(answer.transcript.decode(prefix[:position])), len(answer.text))
+                                for position, _, _, _ in entries]}
+
     def whole(self) -> dict:
         choices = []
         for i, a in enumerate(self.answers):
+            logprobs = self.logprobs(a, a.scores(final=True)) if a.wants_logprobs else None
             if self.chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": a.text},
-                                "finish_reason": a.finish_reason, "logprobs": None})
+                                "finish_reason": a.finish_reason, "logprobs": logprobs})
             else:
                 choices.append({"index": i, "text": self.echo + a.text, "finish_reason": a.finish_reason,
-                                "logprobs": None})
+                                "logprobs": logprobs})
         out = self._envelope("chat.completion" if self.chat else "text_completion", choices)
         out["usage"] = self.usage()
         return out
 
-    def chunk(self, index: int, content, finish_reason: Optional[str] = None) -> dict:
+    def chunk(self, index: int, content, finish_reason: Optional[str] = None, logprobs: Optional[dict] = None) -> dict:
         if self.chat:
             delta = content if isinstance(content, dict) else ({} if content is None else {"content": content})
-            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
             return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": index, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "text": content or "", "finish_reason": finish_reason, "logprobs": logprobs}
         return self._envelope("text_completion", [choice])
 
     def usage_chunk(self) -> dict:

@@ -258,8 +258,9 @@ class App:
                 else:
                     answer.done()
                 piece = answer.delta(final=answer.finished)
-                if piece:
-                    yield sse(reply.chunk(index, piece))
+                entries = answer.scores(final=answer.finished) if answer.wants_logprobs else []
+                if piece or entries:
+                    yield sse(reply.chunk(index, piece, logprobs=reply.logprobs(answer, entries)))
                 if answer.finished:
                     jobs[index].cancelled = True
                     open_choices.discard(index)

@@ -73,13 +73,15 @@ class Service:
 
     def settings(self, request, chat: bool, prompt_length: int):
         """The request's DecodeSettings, checked against the model for a prompt of that length."""
+        from ..openai_api import logprobs_asked
         from ..settings import settings_for
 
         max_tokens = request.max_tokens
         if chat and request.max_completion_tokens is not None:
             max_tokens = request.max_completion_tokens
         knobs = {knob.name: getattr(request, knob.field) for knob in KNOB_TABLE}
-        knobs.update(gen_length=max_tokens, temperature=request.temperature or 0.0)
+        knobs.update(gen_length=max_tokens, temperature=request.temperature or 0.0,
+                     logprobs=logprobs_asked(request, chat))
         if request.top_k is not None:  # as mlx-lm: a negative top_k means no limit
             knobs["top_k"] = max(request.top_k, 0)
         try:
