@@ -97,11 +97,11 @@ class Engine:
     """
 
     def __init__(self, model, max_concurrency: int, max_queue: int, prompt_caches=None,
-                 max_kv_size: Optional[int] = None, keep_answers: bool = True):
+                 max_kv_size: Optional[int] = None, keep_answers: bool = True, prefill_step: Optional[int] = None):
         from .scheduler import Scheduler
 
         self.model = model
-        self.scheduler = Scheduler(model, max_active=max_concurrency)
+        self.scheduler = Scheduler(model, max_active=max_concurrency, prefill_step=prefill_step)
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self.prompt_caches = prompt_caches  # a kv.store.PromptCacheStore, or None
         self.max_kv_size, self.keep_answers = max_kv_size, keep_answers  # for the caches requests decode in

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 from .cli import ArgumentParser, prog, run_command
 from .engine import Engine
 from .errors import RefusionError
-from .serving.transport import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, make_server
+from .serving.transport import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_STEP, make_server
 
 DEFAULT_PROMPT_CACHE_SIZE = 10  # as mlx-lm's server
 # MLX's CUDA backend keeps its CUDA graphs and cuDNN attention plans in LRU caches keyed by shape.
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reprefill-answers", action="store_true",
                         help="a kept cache is reused up to the prompts it was fed, never through an answer "
                              "(exactly a fresh prefill's tokens; answers are fed again)")
+    parser.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP,
+                        help="most prompt tokens a request feeds per step, so a long prompt does not stall the "
+                             f"other streams (0: a whole prompt at once; default {DEFAULT_PREFILL_STEP})")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="let browser pages from ORIGIN call the server (repeatable; '*': any); default: none")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="cast the weights")
@@ -90,10 +93,11 @@ def served_name(model: Optional[str]) -> str:
     return path.resolve().name if path.exists() else model
 
 
-def follow(model) -> int:
-    """A rank other than 0: decode what rank 0 plans, serve nothing, until rank 0 says stop."""
+def follow(model, args) -> int:
+    """A rank other than 0: decode what rank 0 plans, serve nothing, until rank 0 says stop. Its
+    scheduler admits and feeds sequences as rank 0's does (the same flags)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop, and says so
-    Engine(model, DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_QUEUE).run()
+    Engine(model, args.max_concurrency, DEFAULT_MAX_QUEUE, prefill_step=args.prefill_step_size or None).run()
     return 0
 
 
@@ -106,6 +110,8 @@ def serve(args) -> int:
         raise RefusionError("--prompt-cache-size must be >= 0 and --prompt-cache-bytes positive")
     if args.max_kv_size is not None and args.max_kv_size < 1:
         raise RefusionError(f"--max-kv-size must be a positive integer, got {args.max_kv_size}")
+    if args.prefill_step_size < 0:
+        raise RefusionError(f"--prefill-step-size must be >= 0, got {args.prefill_step_size}")
     if not 0 <= args.port <= 65535:
         raise RefusionError(f"--port must be in [0, 65535], got {args.port}")
     if args.served_model_name is not None and not args.served_model_name.strip():
@@ -118,7 +124,7 @@ def serve(args) -> int:
     # Launched by mlx.launch: this rank's shard; rank 0 serves, the others decode what it plans.
     model, tokenizer, group = load_for_command(args.model, args.adapter_path, args.dtype, args.verbose)
     if not is_leader(group):
-        return follow(model)
+        return follow(model, args)
     # What loading made (~200k objects: tokenizer, templates, modules) lives as long as the server:
     # out of the collector's sight, a full collection no longer stalls every sequence for ~0.1 s.
     gc.collect()
@@ -126,7 +132,8 @@ def serve(args) -> int:
     model_id = args.served_model_name or served_name(args.model)
     server, sock, engine = make_server(model, tokenizer, model_id, args.host, args.port, args.max_concurrency,
                                        args.max_queue, args.verbose, args.cors_origin, args.prompt_cache_size,
-                                       args.prompt_cache_bytes, args.max_kv_size, not args.reprefill_answers)
+                                       args.prompt_cache_bytes, args.max_kv_size, not args.reprefill_answers,
+                                       args.prefill_step_size or None)
     # From here on SIGTERM and SIGINT only ask the engine to stop: whenever they come (even before
     # the banner is out), the server winds down the same way and exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,6 +17,7 @@ HEAD_TIMEOUT = 10.0  # seconds a connection has to send a whole request head
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
 DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_MAX_QUEUE = 256
+DEFAULT_PREFILL_STEP = 512  # prompt tokens a request feeds per step: a long prompt never stalls the others
 
 
 def logged_once(app):
@@ -127,17 +128,18 @@ def make_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: 
                 max_concurrency: int = DEFAULT_MAX_CONCURRENCY, max_queue: int = DEFAULT_MAX_QUEUE,
                 verbose: bool = False, cors_origins: Sequence[str] = (), prompt_cache_size: int = 0,
                 prompt_cache_bytes: Optional[int] = None, max_kv_size: Optional[int] = None,
-                keep_answers: bool = True):
+                keep_answers: bool = True, prefill_step: Optional[int] = DEFAULT_PREFILL_STEP):
     """(uvicorn server, its listening socket, engine): nothing serving or running yet.
 
     ``prompt_cache_size`` > 0 keeps that many finished requests' KV caches (at most
-    ``prompt_cache_bytes``) for later requests that share their prefix."""
+    ``prompt_cache_bytes``) for later requests that share their prefix. ``prefill_step``: most
+    prompt tokens one request feeds per step (None: its whole prompt at once)."""
     import uvicorn
 
     from ..kv.store import PromptCacheStore
 
     store = PromptCacheStore(prompt_cache_size, prompt_cache_bytes) if prompt_cache_size else None
-    engine = Engine(model, max_concurrency, max_queue, store, max_kv_size, keep_answers)
+    engine = Engine(model, max_concurrency, max_queue, store, max_kv_size, keep_answers, prefill_step)
     service = Service(model, tokenizer, model_id, engine)
     sock = listening_socket(host, port)
     config = uvicorn.Config(logged_once(App(service, cors_origins).build()), http=h11_protocol(), lifespan="off", ws="none",
