@@ -336,7 +336,8 @@ def long_prompt_bench(args, examples: List[dict]) -> int:
         try:
             client = Client(server.host, server.port)
             for decoder in args.decoders:
-                stall_run(client, examples[-WARM_UP:], decoder, max(args.concurrency), long_text)  # warm-up
+                stall_run(client, examples[-max(max(args.concurrency), 4):], decoder, max(args.concurrency),
+                          long_text)  # warm-up
                 for _ in range(args.repeat):
                     runs.setdefault((decoder, label), []).append(
                         stall_run(client, examples[:-WARM_UP], decoder, max(args.concurrency), long_text))

@@ -102,10 +102,10 @@ class Transcript:
         """The gap-free start: final, safe to stream; cut at the first EOS."""
         return self._cut([self.placed[p] for p in range(self.prefix_length)], with_eos)
 
-    def prefix_scores(self, count: int) -> List[tuple]:
-        """(token, logprob, top pairs) of the first ``count`` positions of the gap-free start
+    def prefix_scores(self, start: int, stop: int) -> List[tuple]:
+        """(position, token, logprob, top pairs) of the gap-free start's positions in [start, stop)
         (commits made without logprobs: none)."""
-        return [(self.placed[p], *self.scores[p]) for p in range(min(count, self.prefix_length))
+        return [(p, self.placed[p], *self.scores[p]) for p in range(start, min(stop, self.prefix_length))
                 if p in self.scores]
 
     @property

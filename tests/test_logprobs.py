@@ -129,9 +129,11 @@ def test_bad_logprobs_are_refused(tiny_model):
 def test_the_transcript_keeps_each_positions_logprob():
     t = Transcript([9], limit=4)
     t.add(Commit([2, 3], [12, 13], "infill", 1, 1.0, [-0.5, -0.25], [[(12, -0.5)], [(13, -0.25)]]))
-    assert t.prefix_scores(4) == []
+    assert t.prefix_scores(0, 4) == []  # not gap-free yet
     t.add(Commit([0, 1], [10, 11], "verify", 1, 1.0, [-1.0, -2.0], [[(10, -1.0)], [(11, -2.0)]]))
-    assert t.prefix_scores(3) == [(10, -1.0, [(10, -1.0)]), (11, -2.0, [(11, -2.0)]), (12, -0.5, [(12, -0.5)])]
+    assert t.prefix_scores(0, 3) == [(0, 10, -1.0, [(10, -1.0)]), (1, 11, -2.0, [(11, -2.0)]),
+                                     (2, 12, -0.5, [(12, -0.5)])]
+    assert t.prefix_scores(3, 9) == [(3, 13, -0.25, [(13, -0.25)])]
 
 
 class Chars:

@@ -61,7 +61,7 @@ class Answer:
         upto = t.returned_tokens() if final else t.covering(self.sent)
         if upto <= self.scored:
             return []
-        entries = [(self.scored + i, *e) for i, e in enumerate(t.prefix_scores(upto)[self.scored:])]
+        entries = t.prefix_scores(self.scored, upto)
         self.scored = upto
         return [e for e in entries if e[1] not in t.eos_ids]
 
