@@ -18,7 +18,7 @@ from .forwards import request, to_host
 from .kv import PromptCache
 from .transcript import Commit, GenerationResult, Transcript
 from .errors import RefusionError
-from .sampling import draft_tokens
+from .sampling import MAX_TOP_LOGPROBS, Scores, draft_tokens, token_logprobs
 from .validation import check_int, check_seed, check_temperature, check_token_ids
 
 
@@ -58,9 +58,12 @@ def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Calla
                                   settings.min_p)
         else:
             choice = answer.best[-1]
-        (token,) = yield from to_host(choice)
+        scored = [] if settings.logprobs is None else token_logprobs(answer.logits[-1:], choice.reshape(1),
+                                                                     settings.logprobs)
+        token, *scored = yield from to_host(choice, *scored)
         token = int(token)
-        on_commit(Commit([n], [token], "left-to-right", 0, 1.0))
+        logprobs, top = Scores.from_host(scored).lists(1) if scored else (None, None)
+        on_commit(Commit([n], [token], "left-to-right", 0, 1.0, logprobs, top))
         if token in state.eos_ids:
             state.finished = True
             return
@@ -77,11 +80,15 @@ def generate_ar_ids(
     eos_token_id: Union[None, int, Iterable[int]] = None,
     prompt_cache: Optional[PromptCache] = None,
     max_kv_size: Optional[int] = None,
+    logprobs: Optional[int] = None,
 ) -> GenerationResult:
     """Generate up to ``max_tokens`` ids left to right; stops after the first EOS.
 
-    ``prompt_cache`` and ``max_kv_size`` as for ``generate_ids``.
+    ``prompt_cache``, ``max_kv_size`` and ``logprobs`` as for ``generate_ids`` (a token's logprob:
+    log_softmax of the logits it was chosen from, before temperature).
     """
+    if logprobs is not None:
+        logprobs = check_int("logprobs", logprobs, 0, MAX_TOP_LOGPROBS)
     prompt_cache = bounded_cache(model, prompt_cache, max_kv_size)
     prompt_ids = check_token_ids("prompt_ids", prompt_ids)
     state = start_ar_state(model, prompt_ids, max_tokens, temperature, seed, eos_token_id, prompt_cache)
@@ -104,19 +111,22 @@ def generate_ar_ids(
         sub = None
         if temperature > 0:
             state.key, sub = mx.random.split(state.key)
-        return draft_tokens(logits, temperature, sub)
+        token = draft_tokens(logits, temperature, sub)
+        scored = [] if logprobs is None else token_logprobs(logits[None], token.reshape(1), logprobs)
+        return token, scored
 
-    token = step(mx.array(fed), first)
-    mx.async_eval(token)
+    token, scored = step(mx.array(fed), first)
+    mx.async_eval(token, *scored)
     for n in range(max_tokens):
-        following = step(token, state.prompt_length + n) if n + 1 < max_tokens else None
+        following, next_scored = step(token, state.prompt_length + n) if n + 1 < max_tokens else (None, [])
         if following is not None:
-            mx.async_eval(following)
+            mx.async_eval(following, *next_scored)
         value = token.item()
-        transcript.add(Commit([n], [value], "left-to-right", 0, 1.0))
+        lists = Scores.from_host([np.array(a) for a in scored]).lists(1) if scored else (None, None)
+        transcript.add(Commit([n], [value], "left-to-right", 0, 1.0, *lists))
         if value in state.eos_ids:
             break
-        token = following
+        token, scored = following, next_scored
     state.model_calls += calls
     state.tokens_fed += len(fed) + calls - 1
     return finish(state, transcript, time.perf_counter() - tic, prompt_ids, prompt_cache, tpf=1.0)

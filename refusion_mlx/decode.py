@@ -33,7 +33,7 @@ from .blas import warn_if_slow_blas
 from .forwards import Forward, forward, previous_rows, request, to_host
 from .kv.layout import SINK
 from .kv.prompt import PromptCache
-from .sampling import draft_tokens, probability_of
+from .sampling import Scores, draft_tokens, probability_of, token_logprobs
 from .settings import DecodeSettings, settings_for
 from .state import DecodeState, bounded_cache, finish, new_state
 from .tokenizer_utils import resolve_mask_id
@@ -51,6 +51,7 @@ class Plan:
 
     drafts: np.ndarray  # (pending, slot) drafted tokens
     confidence: np.ndarray  # (pending,) probability of each slot's first token
+    scores: Optional[Scores] = None  # (pending, slot) the drafts' logprobs, when asked
 
 
 @dataclass
@@ -61,6 +62,7 @@ class InfillResult:
     rounds: int
     eos_row: Optional[int]  # row holding the first EOS, if any
     layout_rows: int  # rows the infill began with: how the rows' entries are laid out in the cache
+    scores: Optional[Scores] = None  # (rows, slot) each token's logprob where it was last drafted
 
 
 # --- the steps ----------------------------------------------------------------------------
@@ -91,8 +93,11 @@ def plan(state: DecodeState, pending: Sequence[int], settings: DecodeSettings):
         logits = answer.logits.reshape(len(pending), S, -1)
         drafts = draft_tokens(logits, settings.temperature, key, settings.top_p, settings.top_k, settings.min_p)
         confidence = probability_of(logits[:, 0], drafts[:, 0])
-    drafts, confidence = yield from to_host(drafts, confidence)
-    return Plan(drafts, confidence)
+    scored = []
+    if settings.logprobs is not None:  # read with the drafts: no synchronisation of its own
+        scored = token_logprobs(answer.logits.reshape(len(pending), S, -1), drafts, settings.logprobs)
+    drafts, confidence, *scored = yield from to_host(drafts, confidence, *scored)
+    return Plan(drafts, confidence, Scores.from_host(scored) if scored else None)
 
 
 def choose_slots(confidence: Sequence[float], slot_threshold: float) -> List[int]:
@@ -150,10 +155,11 @@ def commit(state: DecodeState, tokens: np.ndarray, layout_rows: Optional[int] = 
 
 
 def infill_round(state: DecodeState, tokens: np.ndarray, tags: np.ndarray, positions: np.ndarray,
-                 start: int, slot_size: int, layout_rows: int):
+                 start: int, slot_size: int, layout_rows: int, logprobs: Optional[int] = None):
     """Re-draft the untagged tokens of every row from ``start`` on, then verify the rows left to right.
 
-    Returns the rows' tokens from ``start`` and each one's left-to-right probability (host arrays).
+    Returns the rows' tokens from ``start``, each one's left-to-right probability (host arrays)
+    and, with ``logprobs``, the re-drafts' ``Scores`` (rows, width), else None.
     Both forwards write the same row entries; the verify pass's are the ones kept. The rows'
     tails are fed offset by offset (all rows' token ``start``, then ``start+1``...), the order
     in which their entries lie in the cache. The second forward takes the first's argmax as a
@@ -168,8 +174,10 @@ def infill_round(state: DecodeState, tokens: np.ndarray, tags: np.ndarray, posit
     fed = mx.where(mx.array(tagged), mx.array(tokens[:, start:].T), drafted.best.reshape(width, rows))
     # Each token is read under its predecessor in its own row: ``rows`` entries back.
     verified = yield from request(state, fed, fed_positions, view, probe=(previous_rows(fed.size, rows), fed))
-    fed, p = yield from to_host(fed, verified.probability)
-    return fed.T, p.reshape(width, rows).T
+    scored = [] if logprobs is None else token_logprobs(drafted.logits, drafted.best, logprobs)
+    fed, p, *scored = yield from to_host(fed, verified.probability, *scored)
+    scores = Scores.from_host(scored).reshape(width, rows).transpose() if scored else None
+    return fed.T, p.reshape(width, rows).T, scores
 
 
 def update_tags(tags: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray:
@@ -179,32 +187,40 @@ def update_tags(tags: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray
 
 
 def infill(state: DecodeState, drafts: np.ndarray, positions: np.ndarray, tags: np.ndarray,
-           settings: DecodeSettings):
+           settings: DecodeSettings, scores: Optional[Scores] = None):
     """Complete the chosen slots in parallel rows by alternating masked drafts and verification.
 
     Row r sees the committed prefix and its own slot only. ``tags`` marks the
     tokens already accepted (a prefix of each row). Every round accepts at least
     one more token per row, so ``slot_size`` rounds always suffice. The first row
-    with an accepted EOS becomes the last row. Returns an ``InfillResult``.
+    with an accepted EOS becomes the last row. Returns an ``InfillResult``. ``scores`` (the
+    drafts', when logprobs are asked) follow each re-drafted token.
     """
     S = settings.slot_size
     tokens, tags, positions = drafts.copy(), tags.copy(), positions.copy()
+    scores = scores.copy() if scores is not None else None
     start, rounds, eos_row, layout_rows = 0, 0, None, drafts.shape[0]
     while not tags.all() and rounds < S:
         rounds += 1
-        tokens[:, start:], p = yield from infill_round(state, tokens, tags, positions, start, S, layout_rows)
+        redrafted = tags[:, start:] != 1  # what this round drafts again (tagged tokens are kept)
+        tokens[:, start:], p, new = yield from infill_round(state, tokens, tags, positions, start, S, layout_rows,
+                                                            settings.logprobs if scores is not None else None)
+        if new is not None:
+            scores[:, start:].put(redrafted, new)  # a view: writes into ``scores``
         tags[:, start:] = update_tags(tags[:, start:], p, settings.token_threshold)
 
         eos_hits = np.isin(tokens[:, start:], list(state.eos_ids)) & (tags[:, start:] == 1)
         if eos_hits.any():
             eos_row = int(np.flatnonzero(eos_hits.any(axis=1))[0])
             tokens, tags, positions = tokens[: eos_row + 1], tags[: eos_row + 1], positions[: eos_row + 1]
+            scores = scores[: eos_row + 1] if scores is not None else None
             tags[eos_row] = 1  # done: whatever follows the EOS is cut at commit
 
         newly = int(tags[:, start:].sum(axis=1).min())
         # While some row is unfinished, the last commonly accepted token is fed again next round.
         start += newly - 1 if not tags.all() else newly
-    return InfillResult(tokens, rounds, eos_row, layout_rows)
+    return InfillResult(tokens, rounds, eos_row, layout_rows, scores)
+
 
 
 def generation_tpf(slot_size: int, slots: int, rounds: Optional[int] = None, padding: int = 0) -> float:
@@ -251,25 +267,27 @@ def iterate(state: DecodeState, pending: List[int], settings: DecodeSettings):
     starts = [candidates[i] for i in chosen]
     positions = slot_positions(state, starts, S)
     drafts = drafted.drafts[chosen]
+    scores = drafted.scores[chosen] if drafted.scores is not None else None
     accepted = yield from verify(state, drafts, positions, settings.token_threshold)
     verified = verified_slots(drafts, accepted, state.eos_ids, S)
     if verified is not None:
         n, eos_slot = verified
         return settle(state, pending, starts[:n], drafts[:n], positions[:n], eos_slot, "verify",
-                      generation_tpf(S, n, padding=padding_in(state, positions[:n])))
+                      generation_tpf(S, n, padding=padding_in(state, positions[:n])),
+                      scores=scores[:n] if scores is not None else None)
 
     # Nothing committed: the verify pass's entries are simply rewritten by the infill rows.
     tags = np.cumprod(accepted, axis=1).astype(np.int32)
-    result = yield from infill(state, drafts, positions, tags, settings)
+    result = yield from infill(state, drafts, positions, tags, settings, scores)
     n = result.tokens.shape[0]
     return settle(state, pending, starts[:n], result.tokens, positions[:n], result.eos_row, "infill",
                   generation_tpf(S, len(chosen), result.rounds, padding_in(state, positions)),
-                  result.layout_rows)
+                  result.layout_rows, result.scores)
 
 
 def settle(state: DecodeState, pending: List[int], starts: List[int], tokens: np.ndarray,
            positions: np.ndarray, eos_slot: Optional[int], kind: str, tpf: float,
-           layout_rows: Optional[int] = None) -> Commit:
+           layout_rows: Optional[int] = None, scores: Optional[Scores] = None) -> Commit:
     """Commit these slots, take them off ``pending`` and describe the commit.
 
     If slot ``eos_slot`` holds an EOS, every pending slot from it onward is
@@ -283,7 +301,8 @@ def settle(state: DecodeState, pending: List[int], starts: List[int], tokens: np
         done |= {s for s in pending if s >= starts[eos_slot]}
     pending[:] = [s for s in pending if s not in done]
     offsets = positions.reshape(-1)[:kept] - state.prompt_length
-    return Commit(offsets.tolist(), tokens.reshape(-1)[:kept].tolist(), kind, len(starts), tpf)
+    logprobs, top = scores.lists(kept) if scores is not None else (None, None)
+    return Commit(offsets.tolist(), tokens.reshape(-1)[:kept].tolist(), kind, len(starts), tpf, logprobs, top)
 
 
 def start_state(model, prompt_ids: Sequence[int], settings: DecodeSettings,
@@ -382,6 +401,7 @@ def generate_ids(
     plan_slots: Optional[int] = None,
     prompt_cache: Optional[PromptCache] = None,
     max_kv_size: Optional[int] = None,
+    logprobs: Optional[int] = None,
 ) -> GenerationResult:
     """Plan-and-infill generation from token ids (docs/decoding.md describes the algorithm).
 
@@ -412,6 +432,9 @@ def generate_ids(
             does not hold are fed, and it holds prompt + answer afterwards.
         max_kv_size: bound the cache to this many entries (a fresh bounded cache; a prompt
             cache brings its own bound).
+        logprobs: None (default) computes none; k in [0, 20] puts each committed token's
+            logprob and its k most likely alternatives in the commits (docs/decoding.md says which
+            distribution a plan-and-infill token's logprob is taken from).
 
     Returns:
         A ``GenerationResult``: the tokens in position order, up to and including the first
@@ -421,7 +444,7 @@ def generate_ids(
     settings = settings_for(model, len(prompt_ids), preset=preset, gen_length=gen_length, slot_size=slot_size,
                             serial_num_blocks=serial_num_blocks, slot_threshold=slot_threshold,
                             token_threshold=token_threshold, temperature=temperature, seed=seed,
-                            top_p=top_p, top_k=top_k, min_p=min_p, plan_slots=plan_slots)
+                            top_p=top_p, top_k=top_k, min_p=min_p, plan_slots=plan_slots, logprobs=logprobs)
     prompt_cache = bounded_cache(model, prompt_cache, max_kv_size)
     state = start_state(model, prompt_ids, settings, mask_id, eos_token_id, prompt_cache)
     warn_if_slow_blas()  # once per process, and only for a request that proved good

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 from .distributed import broadcast_json
 from .errors import RefusionError
+from .transcript import Commit
 
 log = logging.getLogger("refusion_mlx.server")
 
@@ -37,10 +38,10 @@ class RequestError(Exception):
 
 @dataclass
 class Committed:
-    """Tokens made final (positions in the generation, 0-based)."""
+    """Tokens made final: one decoder ``Commit`` (positions in the generation, 0-based, and the
+    tokens' logprobs when asked); it is never changed after it is made, so threads share it."""
 
-    positions: List[int]
-    tokens: List[int]
+    commit: Commit
 
 
 @dataclass
@@ -96,11 +97,11 @@ class Engine:
     """
 
     def __init__(self, model, max_concurrency: int, max_queue: int, prompt_caches=None,
-                 max_kv_size: Optional[int] = None, keep_answers: bool = True):
+                 max_kv_size: Optional[int] = None, keep_answers: bool = True, prefill_step: Optional[int] = None):
         from .scheduler import Scheduler
 
         self.model = model
-        self.scheduler = Scheduler(model, max_active=max_concurrency)
+        self.scheduler = Scheduler(model, max_active=max_concurrency, prefill_step=prefill_step)
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self.prompt_caches = prompt_caches  # a kv.store.PromptCacheStore, or None
         self.max_kv_size, self.keep_answers = max_kv_size, keep_answers  # for the caches requests decode in
@@ -225,7 +226,7 @@ class Engine:
 
     def _committed(self, job: Job):
         def on_commit(seq, commit):
-            job.events.put(Committed(list(commit.positions), list(commit.tokens)))
+            job.events.put(Committed(commit))
             if seq.transcript.ended:  # everything the client can get is decided: finish now
                 self.scheduler.finish_early(seq)
         return on_commit

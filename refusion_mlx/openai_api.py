@@ -2,8 +2,7 @@
 
 Every field of OpenAI's two schemas (and mlx-lm's sampling extras) is declared here, so a client
 never gets "unrecognized argument" for a field it may send. Each one is either honoured, or
-accepted as a no-op while its value is neutral (``frequency_penalty: 0``, ``tools: []``,
-``logprobs: false``...) and refused with a 400 naming it when its value asks for something this
+accepted as a no-op while its value is neutral (``frequency_penalty: 0``, ``tools: []``...) and refused with a 400 naming it when its value asks for something this
 server does not do (``NEUTRAL``). ReFusion's own knobs (``slot_size``, ``blocks``...) come on top.
 Parsing is strict: no string is read as a number, no number as a bool.
 """
@@ -14,6 +13,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .engine import RequestError
+from .sampling import MAX_TOP_LOGPROBS
 
 MAX_STOPS = 4  # as OpenAI
 MAX_N = 16  # choices per request: each is a sequence in the batch
@@ -85,7 +85,7 @@ class ChatRequest(Common):
     messages: List[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: Optional[Dict[str, Any]] = None
     tools: Optional[List[Dict[str, Any]]] = None
     tool_choice: Union[str, Dict[str, Any], None] = None
@@ -110,7 +110,7 @@ class CompletionRequest(Common):
     prompt: Union[str, List[str], List[int], None] = None
     echo: Optional[bool] = None
     best_of: Optional[int] = Field(None, ge=1)
-    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # OpenAI: 5; vLLM and we: 20
     suffix: Optional[str] = None
 
 
@@ -124,9 +124,6 @@ NEUTRAL = {
     "frequency_penalty": (lambda v: not v, "frequency_penalty is not supported (0: off)"),
     "presence_penalty": (lambda v: not v, "presence_penalty is not supported (0: off)"),
     "logit_bias": (lambda v: not v, "logit_bias is not supported"),
-    "logprobs": (lambda v: v in (None, False), "logprobs are not supported: plan-and-infill commits tokens "
-                                               "out of order; ask without logprobs"),
-    "top_logprobs": (lambda v: not v, "top_logprobs is not supported"),
     "response_format": (lambda v: v is None or v.get("type") == "text",
                         "response_format other than text is not supported"),
     "tools": (lambda v: not v, "tool calling is not supported"),
@@ -182,9 +179,22 @@ def parse(body: dict, chat: bool):
         if not all(stops) or len(stops) > MAX_STOPS:
             raise RequestError(f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them",
                                "stop")
+    if chat and request.top_logprobs and not request.logprobs:
+        raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    if not chat and request.logprobs is not None and request.echo:
+        raise RequestError("'logprobs' with 'echo' is not supported (the prompt's logprobs are not computed)",
+                           "logprobs")
     if not chat and request.best_of not in (None, request.n or 1):
         raise RequestError("'best_of' other than n is not supported", "best_of")
     return request
+
+
+def logprobs_asked(request, chat: bool) -> Optional[int]:
+    """How many alternatives per token the request wants logprobs for (0: the chosen token's
+    only), or None when it wants none."""
+    if chat:
+        return (request.top_logprobs or 0) if request.logprobs else None
+    return request.logprobs
 
 
 def stops(request) -> List[str]:

@@ -1,13 +1,16 @@
 """Choosing tokens from logits, and the probabilities the decoder compares with thresholds.
 
 Only an argmax and the probability of one token per row are ever needed, so no
-full-vocabulary softmax is materialised: p(t) = exp(logit[t] - logsumexp(logits)).
+full-vocabulary softmax is materialised: p(t) = exp(logit[t] - logsumexp(logits)). Log-probabilities
+for a client (``token_logprobs``, ``Scores``) are computed only when a request asks for them.
 """
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
+import numpy as np
 
 
 def draft_tokens(logits: mx.array, temperature: float = 0.0, key: Optional[mx.array] = None,
@@ -52,3 +55,67 @@ def probability_of(logits: mx.array, tokens: mx.array) -> mx.array:
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
     return mx.exp(picked - mx.logsumexp(logits, axis=-1))
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+
+
+def token_logprobs(logits: mx.array, tokens: mx.array, top: int = 0) -> list:
+    """Lazy arrays: log_softmax(logits)[..., tokens] in float32 (the raw distribution: before
+    temperature and truncation), then, when ``top`` > 0, the ``top`` most likely ids and their
+    logprobs (unordered; ``Scores`` orders them on the host)."""
+    logits = logits.astype(mx.float32)
+    norm = mx.logsumexp(logits, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(logits, tokens.astype(mx.int32)[..., None], axis=-1) - norm
+    out = [chosen[..., 0]]
+    if top > 0:
+        ids = mx.argpartition(-logits, top - 1, axis=-1)[..., :top]
+        out += [ids, mx.take_along_axis(logits, ids, axis=-1) - norm]
+    return out
+
+
+@dataclass
+class Scores:
+    """Host arrays for tokens laid out as some shape: each one's logprob (shape) and its
+    distribution's ``top`` most likely (ids, logprobs) (shape + (top,))."""
+
+    logprob: np.ndarray
+    top_ids: np.ndarray
+    top_logprob: np.ndarray
+
+    @classmethod
+    def from_host(cls, arrays) -> "Scores":
+        """From ``token_logprobs``'s arrays, read on the host."""
+        logprob = np.asarray(arrays[0], dtype=np.float32)
+        if len(arrays) == 1:
+            return cls(logprob, np.zeros(logprob.shape + (0,), np.int64), np.zeros(logprob.shape + (0,), np.float32))
+        return cls(logprob, np.asarray(arrays[1]), np.asarray(arrays[2], dtype=np.float32))
+
+    def __getitem__(self, index) -> "Scores":
+        return Scores(self.logprob[index], self.top_ids[index], self.top_logprob[index])
+
+    def reshape(self, *shape) -> "Scores":
+        logprob = self.logprob.reshape(*shape)
+        shape = logprob.shape + self.top_ids.shape[-1:]  # explicit: -1 is ambiguous with no alternatives
+        return Scores(logprob, self.top_ids.reshape(shape), self.top_logprob.reshape(shape))
+
+    def transpose(self) -> "Scores":
+        """Rows and columns swapped (2-d layouts)."""
+        return Scores(self.logprob.T, self.top_ids.transpose(1, 0, 2), self.top_logprob.transpose(1, 0, 2))
+
+    def copy(self) -> "Scores":
+        return Scores(self.logprob.copy(), self.top_ids.copy(), self.top_logprob.copy())
+
+    def put(self, mask: np.ndarray, other: "Scores"):
+        """Take ``other``'s where ``mask`` (same layout) is true."""
+        self.logprob[mask] = other.logprob[mask]
+        self.top_ids[mask] = other.top_ids[mask]
+        self.top_logprob[mask] = other.top_logprob[mask]
+
+    def lists(self, count: int) -> tuple:
+        """(logprobs, top pairs most likely first) of the first ``count`` tokens in flat order."""
+        flat = self.reshape(-1)
+        pairs = []
+        for ids, values in zip(flat.top_ids[:count].tolist(), flat.top_logprob[:count].tolist()):
+            pairs.append(sorted(zip(ids, values), key=lambda pair: (-pair[1], pair[0])))
+        return flat.logprob[:count].tolist(), pairs

@@ -30,7 +30,7 @@ from .state import DecodeState, finish
 from .settings import DecodeSettings
 from .errors import RefusionError
 from .executor import Executor
-from .forwards import Forward, Sync, answers
+from .forwards import Forward, Sync, answers, request
 from .kv import PromptCache, SlotLayout
 from .transcript import Commit, GenerationResult, Transcript
 
@@ -77,12 +77,18 @@ class Scheduler:
     """Sequences decoded together: ``add`` any time, ``step`` runs one forward for all active ones.
 
     At most ``max_active`` sequences decode at once; up to ``max_waiting`` more wait (None:
-    no limit), and ``add`` raises ``QueueFull`` beyond that.
+    no limit), and ``add`` raises ``QueueFull`` beyond that. With ``prefill_step``, a joining
+    sequence feeds its prompt at most that many tokens per step (``prefill_in_chunks``), so a
+    long prompt never makes one step long for every other sequence.
     """
 
-    def __init__(self, model, max_active: int = 32, max_waiting: Optional[int] = None):
+    def __init__(self, model, max_active: int = 32, max_waiting: Optional[int] = None,
+                 prefill_step: Optional[int] = None):
         if max_active <= 0:
             raise RefusionError(f"max_batch_size must be positive, got {max_active}")
+        if prefill_step is not None and prefill_step < 1:
+            raise RefusionError(f"prefill_step must be positive, got {prefill_step}")
+        self.prefill_step = prefill_step
         self.model = model
         self.executor = Executor(model)
         self.max_active, self.max_waiting = max_active, max_waiting
@@ -168,6 +174,8 @@ class Scheduler:
         self.executor.add_row(len(self.active), state.cache.limit, kept)
         decode = left_to_right if seq.decoder == LEFT_TO_RIGHT else plan_and_infill
         seq.steps = decode(state, seq.settings, seq._committed)
+        if self.prefill_step is not None:
+            seq.steps = prefill_in_chunks(state, self.prefill_step, seq.steps)
         seq.started = time.perf_counter()
         seq.pending = next(seq.steps)
         self.active.append(seq)
@@ -207,3 +215,18 @@ class Scheduler:
             keep = [i for i, s in enumerate(self.active) if s not in gone]
             self.active = [self.active[i] for i in keep]
             self.executor.keep_rows(keep)
+
+
+def prefill_in_chunks(state: DecodeState, size: int, steps):
+    """``steps`` (a decoder's), after feeding the prompt's uncached tokens in forwards of ``size``
+    tokens, one per scheduler step, until at most ``size`` are left: those the decoder's first
+    forward feeds along with its own. A bounded cache already feeds its prompt in chunks of its
+    own (``decode.make_room``) and is left to it."""
+    if state.cache.max_size is None:
+        while len(state.uncached) > size:
+            start = state.fed_from
+            yield from request(state, state.uncached[:size], range(start, start + size), state.cache.append(size),
+                               last=1)
+            state.cache.commit(size)
+            state.uncached = state.uncached[size:]
+    return (yield from steps)

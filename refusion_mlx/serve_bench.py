@@ -10,8 +10,10 @@ streamed token, and how many answers are right (the tasks' exact-match check).
 Then a mixed run (``--mixed`` requests: both decoders, streamed or not, chat
 and completions, and malformed ones) counts requests that failed (a wrong
 status or a server error) or were lost (no complete answer). ``--repeat``
-runs the sweep several times in turn and prints medians (for shared machines). Clients are plain
-``http.client``; every request is timed from sending it to the last byte.
+runs the sweep several times in turn and prints medians (for shared machines). ``--long-prompt``
+measures instead how much long prompts stall the streams (gaps between streamed pieces), with whole
+prompts and with chunked prefill. Clients are plain ``http.client``; every request is timed from
+sending it to the last byte.
 """
 
 import argparse
@@ -25,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 from .cli import ArgumentParser, prog, run_command
@@ -42,6 +44,7 @@ class Outcome:
     text: str
     complete: bool  # a whole answer (or a whole error body) came back
     error: str = ""  # why no answer came back
+    gaps: List[float] = field(default_factory=list)  # seconds between a stream's pieces of text
 
 
 class Client:
@@ -65,7 +68,7 @@ class Client:
                 choice = data["choices"][0]
                 text = choice["message"]["content"] if "message" in choice else choice["text"]
                 return Outcome(200, latency, None, data["usage"]["completion_tokens"], text, True)
-            first, text, tokens, done = None, [], 0, False
+            first, text, tokens, done, gaps, last = None, [], 0, False, [], None
             for line in response.fp:
                 line = line.decode().strip()
                 if not line.startswith("data: "):
@@ -82,9 +85,13 @@ class Client:
                 for choice in event["choices"]:
                     piece = choice.get("delta", {}).get("content") or choice.get("text") or ""
                     if piece:
-                        first = first if first is not None else time.perf_counter() - tic
+                        now = time.perf_counter()
+                        first = first if first is not None else now - tic
+                        if last is not None:
+                            gaps.append(now - last)
+                        last = now
                         text.append(piece)
-            return Outcome(200, time.perf_counter() - tic, first, tokens, "".join(text), done)
+            return Outcome(200, time.perf_counter() - tic, first, tokens, "".join(text), done, gaps=gaps)
         except (OSError, http.client.HTTPException, ValueError, KeyError) as e:
             return Outcome(0, time.perf_counter() - tic, None, 0, "", False, f"{type(e).__name__}: {e}")
         finally:
@@ -274,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=int, default=1, help="sweeps to run in turn; the table shows medians")
     parser.add_argument("--mixed", type=int, default=200, help="size of the mixed run (0: skip)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for the server")
+    parser.add_argument("--long-prompt", type=int, default=0, metavar="TOKENS",
+                        help="while the clients stream, one more client sends prompts of about this many tokens "
+                             "back to back; run against a server feeding whole prompts (--prefill-step-size 0), "
+                             "then one with the --server-arg flags, and print the streams' gaps between pieces")
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="TOKENS",
                         help="give every request the same system prompt of about this many tokens, and run the "
                              "sweep against a server without a prompt cache, then with one (time to first token)")
@@ -289,11 +300,13 @@ def bench(args) -> int:
 
     for flag, value, low in (("--requests", args.requests, 1), ("--repeat", args.repeat, 1),
                              ("--concurrency", min(args.concurrency), 1), ("--mixed", args.mixed, 0),
-                             ("--shared-prefix", args.shared_prefix, 0)):
+                             ("--shared-prefix", args.shared_prefix, 0), ("--long-prompt", args.long_prompt, 0)):
         if value < low:
             raise RefusionError(f"{flag} must be at least {low}, got {value}")
     # The warm-up's prompts are not measured (a prompt cache would already hold them).
     examples = test_split(size=args.requests + WARM_UP)
+    if args.long_prompt:
+        return long_prompt_bench(args, examples)
     if not args.shared_prefix:
         sweep(args, examples, args.server_arg, mixed=args.mixed)
         return 0
@@ -309,6 +322,60 @@ def bench(args) -> int:
               f"the prompt cache, {r1['ttft50']:.3f} s with it ({r0['ttft50'] / r1['ttft50']:.2f}x lower); "
               f"tokens/s {r1['tokens_per_s'] / r0['tokens_per_s']:.2f}x")
     return 0
+
+
+def long_prompt_bench(args, examples: List[dict]) -> int:
+    """The streams' gaps between pieces while long prompts arrive: whole prompts, then chunked."""
+    from .loading import load
+
+    long_text = shared_system_prompt(args.long_prompt, load(args.model)[1].encode)
+    runs = {}
+    for label, flags in (("whole prompts", args.server_arg + ["--prefill-step-size", "0"]),
+                         ("chunked prefill", args.server_arg)):
+        server = ServerProcess(args.model, max(args.concurrency) + 1, flags)
+        try:
+            client = Client(server.host, server.port)
+            for decoder in args.decoders:
+                stall_run(client, examples[-max(max(args.concurrency), 4):], decoder, max(args.concurrency),
+                          long_text)  # warm-up
+                for _ in range(args.repeat):
+                    runs.setdefault((decoder, label), []).append(
+                        stall_run(client, examples[:-WARM_UP], decoder, max(args.concurrency), long_text))
+        finally:
+            server.stop()
+    print("| decoder | server | gap p50 (s) | gap p99 (s) | gap max (s) | long prompts | long p50 (s) | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (decoder, label), rows in runs.items():
+        m = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        print(f"| {decoder} | {label} | {m['gap50']:.4f} | {m['gap99']:.4f} | {m['gapmax']:.4f} | "
+              f"{m['long']:.0f} | {m['long50']:.3f} | {m['tokens_per_s']:.1f} |")
+    return 0
+
+
+def stall_run(client: Client, examples: List[dict], decoder: str, concurrency: int, long_text: str) -> dict:
+    """``concurrency`` clients stream every example once while one more sends ``long_text`` as a
+    completions prompt (4 tokens asked) back to back until they are done."""
+    done = threading.Event()
+    longs: List[Outcome] = []
+
+    def long_client():
+        while not done.is_set():
+            longs.append(client.post("/v1/completions", {"prompt": long_text, "max_tokens": 4,
+                                                         "decoder": decoder}, False))
+
+    thread = threading.Thread(target=long_client)
+    tic = time.perf_counter()
+    thread.start()
+    outcomes = run_clients(examples, concurrency, lambda x: client.post(
+        "/v1/chat/completions", chat_body(x["query"], decoder), True))
+    wall = time.perf_counter() - tic
+    done.set()
+    thread.join()
+    report_failures(outcomes + longs)
+    gaps = [g for o in outcomes for g in o.gaps]
+    return {"gap50": percentile(gaps, 0.5), "gap99": percentile(gaps, 0.99), "gapmax": max(gaps, default=0.0),
+            "long": float(len(longs)), "long50": percentile([o.latency for o in longs if o.status == 200], 0.5),
+            "tokens_per_s": sum(o.tokens for o in outcomes) / wall}
 
 
 def sweep(args, examples: List[dict], server_flags: Sequence[str], system: str = "", mixed: int = 0) -> List[dict]:

@@ -90,6 +90,10 @@ class DecodeSettings:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    # Log-probabilities of the generated tokens (docs/decoding.md): None computes none (no extra
+    # work, no extra host transfer); k >= 0 puts each token's and its k most likely alternatives'
+    # in the commits. Not a decoding knob: it never changes a token.
+    logprobs: Optional[int] = None
 
     @property
     def padded_length(self) -> int:
@@ -103,8 +107,12 @@ class DecodeSettings:
 
     def validate(self):
         """Raise RefusionError (naming the argument) for knobs that cannot work."""
+        from .sampling import MAX_TOP_LOGPROBS
+
         for knob in KNOB_TABLE:
             knob.check(getattr(self, knob.name))
+        if self.logprobs is not None:
+            check_int("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
 
     def check_fits(self, prompt_length: int, positions: int):
         """Raise RefusionError unless a prompt of ``prompt_length`` tokens and this generation fit a

@@ -386,6 +386,7 @@ DISPATCHER = {  # python -m refusion_mlx <command>
 SERVER = {  # refused before anything listens
     "port out of range": lambda c: ["--model", str(c.good_model), "--port", "99999"],
     "max-concurrency 0": lambda c: ["--model", str(c.good_model), "--max-concurrency", "0"],
+    "prefill-step-size -1": lambda c: ["--model", str(c.good_model), "--prefill-step-size", "-1"],
     "model missing": lambda c: ["--model", c.path("nowhere"), "--port", "0"],
     "model config null": lambda c: ["--model", c.model(text="null"), "--port", "0"],
     "unknown flag": lambda c: ["--workers", "4"],
@@ -395,6 +396,7 @@ SERVE_BENCH = {
     "requests 0": lambda c: ["--model", str(c.good_model), "--requests", "0"],
     "concurrency 0": lambda c: ["--model", str(c.good_model), "--concurrency", "0"],
     "mixed -1": lambda c: ["--model", str(c.good_model), "--mixed", "-1"],
+    "long-prompt -1": lambda c: ["--model", str(c.good_model), "--long-prompt", "-1"],
     "model missing (its server does not start)": lambda c: ["--model", c.path("nowhere"), "--requests", "1"],
 }
 

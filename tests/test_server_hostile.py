@@ -8,7 +8,8 @@ import time
 import pytest
 from serving import CORS_ORIGIN
 
-from refusion_mlx.server import MAX_BODY, stop_overlap
+from refusion_mlx.serving.http import MAX_BODY
+from refusion_mlx.transcript import stop_overlap
 
 HI = [{"role": "user", "content": "hi"}]
 CHAT = "/v1/chat/completions"

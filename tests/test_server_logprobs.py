@@ -1,0 +1,113 @@
+"""The server's logprobs (chat ``logprobs``/``top_logprobs``, completions ``logprobs``): the decoder's,
+whole and streamed, for both decoders; and the requests it refuses."""
+
+import json
+
+import numpy as np
+import pytest
+
+from refusion_mlx.autoregressive import generate_ar_ids
+from refusion_mlx.decode import generate_ids
+from refusion_mlx.loading import load
+from refusion_mlx.tokenizer_utils import prompt_ids
+
+ADD = "What is 682 + 459? Work column by column."
+REVERSE = "Reverse the order of the words: apple river stone cloud"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load()
+
+
+def same_probabilities(actual, expected):
+    """Log-probabilities from two computation orders, compared as probabilities (relatively)."""
+    np.testing.assert_allclose(np.exp(np.asarray(actual, np.float64)), np.exp(np.asarray(expected, np.float64)),
+                               rtol=1e-4)
+
+
+def expected_entries(tokenizer, result):
+    """(token text, logprob, top ids) of a library result's tokens in position order, EOS left out."""
+    scores = sorted((p, t, lp, top) for c in result.commits
+                    for p, t, lp, top in zip(c.positions, c.tokens, c.logprobs, c.top_logprobs))
+    return [(tokenizer.decode([t]), lp, [i for i, _ in top]) for p, t, lp, top in scores[:len(result.tokens)]
+            if t not in tokenizer.eos_token_ids]
+
+
+@pytest.mark.parametrize("decoder", ["plan-and-infill", "left-to-right"])
+def test_chat_logprobs_are_the_decoders(server, demo, decoder):
+    model, tokenizer = demo
+    reply = server.client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": ADD}], logprobs=True, top_logprobs=3, max_tokens=40,
+        extra_body={"decoder": decoder})
+    choice = reply.choices[0]
+    ids = prompt_ids(tokenizer, ADD)
+    eos = sorted(tokenizer.eos_token_ids)
+    if decoder == "left-to-right":
+        alone = generate_ar_ids(model, ids, max_tokens=40, eos_token_id=eos, logprobs=3)
+    else:
+        alone = generate_ids(model, ids, gen_length=40, eos_token_id=eos, logprobs=3)
+    expected = expected_entries(tokenizer, alone)
+    content = choice.logprobs.content
+    assert [c.token for c in content] == [e[0] for e in expected]
+    assert "".join(c.token for c in content) == choice.message.content
+    same_probabilities([c.logprob for c in content], [e[1] for e in expected])
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode())
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob
+        assert c.logprob <= c.top_logprobs[0].logprob + 1e-6  # greedy: the committed token is the most likely
+        same_probabilities(c.logprob, c.top_logprobs[0].logprob)
+
+
+def test_streamed_chat_logprobs_add_up_to_the_whole_answers(server):
+    fields = dict(model="demo", messages=[{"role": "user", "content": ADD}], logprobs=True, top_logprobs=2,
+                  max_tokens=40)
+    whole = server.client.chat.completions.create(**fields).choices[0].logprobs.content
+    chunks = list(server.client.chat.completions.create(stream=True, **fields))
+    streamed = [c for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for c in chunk.choices[0].logprobs.content]
+    assert [c.token for c in streamed] == [c.token for c in whole]
+    assert [c.logprob for c in streamed] == [c.logprob for c in whole]
+    for chunk in chunks:  # a chunk's logprobs are those of its own text
+        if chunk.choices and chunk.choices[0].logprobs:
+            assert "".join(c.token for c in chunk.choices[0].logprobs.content) == chunk.choices[0].delta.content
+
+
+def test_completions_logprobs_and_their_text_offsets(server, demo):
+    model, tokenizer = demo
+    reply = server.client.completions.create(model="demo", prompt=REVERSE, max_tokens=20, logprobs=2)
+    choice = reply.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 20
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(20)]
+    alone = generate_ids(model, tokenizer.encode(REVERSE), eos_token_id=sorted(tokenizer.eos_token_ids),
+                         gen_length=20, logprobs=2)
+    same_probabilities(lp.token_logprobs, [e[1] for e in expected_entries(tokenizer, alone)])
+    assert all(len(top) <= 2 and max(top.values()) >= v - 1e-6 for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    streamed = list(server.client.completions.create(model="demo", prompt=REVERSE, max_tokens=20, logprobs=2,
+                                                     stream=True))
+    pieces = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert sum((p.tokens for p in pieces), []) == lp.tokens
+    assert sum((p.text_offset for p in pieces), []) == lp.text_offset
+
+
+def test_without_logprobs_none_come_back(server):
+    reply = server.client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=8, logprobs=False)
+    assert reply.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": 3}, "logprobs"),
+    ("/v1/completions", {"logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"logprobs": 1, "echo": True}, "logprobs"),
+])
+def test_logprob_requests_it_cannot_honour_are_one_json_400(server, path, body, param):
+    base = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
+    status, answer = server.raw("POST", path, json.dumps({**base, **body, "max_tokens": 4}),
+                                {"Content-Type": "application/json"})
+    assert status == 400 and answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"
+    assert param in answer["error"]["message"]
