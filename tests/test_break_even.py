@@ -6,9 +6,9 @@ import mlx.core as mx
 import numpy as np
 
 from refusion_mlx.benchmark import RecordingModel
-from refusion_mlx.break_even import (Profile, Roofline, ScriptedDecisions, break_even, cost_shapes,
-                                     estimated_tokens_per_second, fit_roofline, flop_per_token, profiles,
+from refusion_mlx.break_even import (Profile, ScriptedDecisions, break_even, cost_shapes, profiles,
                                      scripted_text, sweep_arguments)
+from refusion_mlx.roofline import Roofline, estimated_tokens_per_second, fit_roofline, flop_per_token
 from refusion_mlx.decode import generate_ids
 from refusion_mlx.errors import RefusionError
 from refusion_mlx.settings import KNOB_BY_NAME, DecodeSettings, settings_for
@@ -163,7 +163,7 @@ def test_shape_weight_bytes_match_a_built_model(bits):
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from refusion_mlx.break_even import shape_weight_bytes
+    from refusion_mlx.roofline import shape_weight_bytes
     from refusion_mlx.model import Model, ModelArgs
 
     args = ModelArgs(model_type="qwen3", rms_norm_eps=1e-6, hidden_size=128, num_hidden_layers=2,
@@ -191,7 +191,7 @@ def test_the_estimate_mode_prints_apple_break_evens_without_the_shapes_forwards(
 
 
 def test_a_cost_curve_moved_to_another_ridge():
-    from refusion_mlx.break_even import ScaledCurve
+    from refusion_mlx.roofline import ScaledCurve
 
     times = ((1, 0.010), (32, 0.012), (256, 0.040))
     same = ScaledCurve(times, stretch=1.0, step=0.010)
