@@ -16,7 +16,7 @@ from serving import Server
 
 from refusion_mlx.autoregressive import generate_ar_ids
 from refusion_mlx.decode import generate_ids
-from refusion_mlx.loading import load
+from refusion_mlx.loading import DEMO_MODEL_PATH, load
 from refusion_mlx.tokenizer_utils import prompt_ids
 
 ADD = "What is 682 + 459? Work column by column."
@@ -227,6 +227,7 @@ def test_concurrent_clients_get_what_they_get_alone(server):
     assert server.health()["running"] == 0
 
 
+DEMO_POSITIONS = json.loads((DEMO_MODEL_PATH / "config.json").read_text())["max_position_embeddings"]
 BAD = [
     # (path, body, status, words in the message)
     ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
@@ -261,9 +262,9 @@ BAD = [
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 7}]}, 400, "content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 600}]}, 400,
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * (DEMO_POSITIONS + 100)}]}, 400,
      "max_position_embeddings"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}, 400,
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": DEMO_POSITIONS}, 400,
      "max_position_embeddings"),
     ("/v1/completions", {"prompt": 5}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, "token ids"),

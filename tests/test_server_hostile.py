@@ -63,7 +63,7 @@ def test_knobs_that_would_allocate_too_much_are_refused_by_name(server, knobs, p
 
 
 def test_a_prompt_too_long_is_refused_by_its_size_before_tokenizing(server):
-    """3.9 MB of text cannot fit 512 positions whatever the tokenizer does: refused on its bytes."""
+    """3.9 MB of text cannot fit the demo's 2048 positions whatever the tokenizer does: refused on its bytes."""
     for path, body in ((CHAT, {"messages": [{"role": "user", "content": "ab " * 1_300_000}]}),
                        ("/v1/completions", {"prompt": "ab " * 1_300_000})):
         status, _, data = post(server, body, path)
