@@ -84,7 +84,7 @@ def batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int],
 
     ids = [prompt_ids(tokenizer, p, system_prompt, use_chat_template, enable_thinking) for p in prompts]
     common.setdefault("eos_token_id", default_eos(tokenizer))
-    eos = resolve_eos(common["eos_token_id"], model)
+    eos = resolve_eos(common["eos_token_id"], model.args)
     tic = time.perf_counter()
     results = batch_generate_ids(model, ids, knobs=knobs, **common)
     wall = time.perf_counter() - tic

@@ -92,7 +92,8 @@ def first_token_time(model, prompt: Sequence[int], prompt_cache=None, repeats: i
 
 def decode_turn(model, prompt: Sequence[int], knobs: dict, prompt_cache=None) -> dict:
     """One turn: time to first token, decoding time, the answer."""
-    from .decode import generate_step, start_state
+    from .decode import generate_step
+    from .state import start_state
     from .settings import settings_for
     from .transcript import Transcript
 

@@ -35,10 +35,9 @@ from .kv.layout import SINK
 from .kv.prompt import PromptCache
 from .sampling import Scores, draft_tokens, probability_of, token_logprobs
 from .settings import DecodeSettings, settings_for
-from .state import DecodeState, bounded_cache, finish, new_state
-from .tokenizer_utils import resolve_mask_id
+from .state import DecodeState, finish, start_state
 from .transcript import Commit, GenerationResult, Transcript
-from .validation import check_token_id, check_token_ids
+from .validation import check_token_ids
 
 
 
@@ -305,23 +304,6 @@ def settle(state: DecodeState, pending: List[int], starts: List[int], tokens: np
     return Commit(offsets.tolist(), tokens.reshape(-1)[:kept].tolist(), kind, len(starts), tpf, logprobs, top)
 
 
-def start_state(model, prompt_ids: Sequence[int], settings: DecodeSettings,
-                mask_id: Optional[int], eos_token_id, prompt_cache: Optional[PromptCache] = None) -> DecodeState:
-    """Validate a plan-and-infill request and set up its cache and counters (in the prompt cache,
-    when given: then only the prompt tokens it does not hold are fed)."""
-    settings.validate()
-    prompt_ids = check_token_ids("prompt_ids", prompt_ids)
-    if mask_id is not None:
-        check_token_id("mask_id", mask_id, model.args.vocab_size)
-    if prompt_ids:
-        settings.check_fits(len(prompt_ids), model.args.max_position_embeddings)
-    # The padding that makes whole slots and blocks may run past max_position_embeddings: RoPE
-    # is computed for any position, and nothing placed there is returned (docs/decoding.md).
-    return new_state(model, prompt_ids, settings.gen_length, settings.padded_length, settings.block_length,
-                     settings.temperature, settings.seed, eos_token_id, prompt_cache,
-                     mask_id=resolve_mask_id(mask_id, model))
-
-
 def make_room(state: DecodeState, needed: int):
     """A bounded cache (``max_kv_size``) makes room before a block (or a left-to-right step) that
     needs ``needed`` entries besides the prompt tokens still to feed: a prompt too long to go with
@@ -445,8 +427,7 @@ def generate_ids(
                             serial_num_blocks=serial_num_blocks, slot_threshold=slot_threshold,
                             token_threshold=token_threshold, temperature=temperature, seed=seed,
                             top_p=top_p, top_k=top_k, min_p=min_p, plan_slots=plan_slots, logprobs=logprobs)
-    prompt_cache = bounded_cache(model, prompt_cache, max_kv_size)
-    state = start_state(model, prompt_ids, settings, mask_id, eos_token_id, prompt_cache)
+    state = start_state(model, prompt_ids, settings, mask_id, eos_token_id, prompt_cache, max_kv_size)
     warn_if_slow_blas()  # once per process, and only for a request that proved good
     transcript = Transcript(state.eos_ids, settings.gen_length)
     mx.reset_peak_memory()

@@ -18,8 +18,8 @@ import mlx.core as mx
 from .blas import warn_if_slow_blas
 from .cli import (ArgumentParser, add_cache_flags, add_decode_flags, add_model_flags, add_prompt_flags,
                   check_cache_flags, decode_knobs, prog, read_prompt, run_command, settings_from_args)
-from .decode import generate_step, start_state
-from .state import bounded_cache, finish
+from .decode import generate_step
+from .state import finish, start_state
 from .settings import settings_for
 from .transcript import GenerationResult, Transcript
 from .tokenizer_utils import default_eos, prompt_ids
@@ -65,10 +65,10 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int], List[dic
     ids = prompt_ids(tokenizer, prompt, system_prompt, use_chat_template, enable_thinking)
     mask_id = knobs.pop("mask_id", None)
     eos = knobs.pop("eos_token_id", None)
-    prompt_cache = bounded_cache(model, knobs.pop("prompt_cache", None), knobs.pop("max_kv_size", None))
+    prompt_cache, max_kv_size = knobs.pop("prompt_cache", None), knobs.pop("max_kv_size", None)
     settings = settings_for(model, len(ids), **knobs)
     state = start_state(model, ids, settings, mask_id, eos if eos is not None else default_eos(tokenizer),
-                        prompt_cache)
+                        prompt_cache, max_kv_size)
     warn_if_slow_blas()  # once per process, and only for a request that proved good
     transcript = Transcript(state.eos_ids, settings.gen_length)
     mx.reset_peak_memory()

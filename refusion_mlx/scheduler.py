@@ -25,7 +25,8 @@ from typing import Callable, Deque, Iterable, Iterator, List, Optional, Sequence
 import mlx.core as mx
 
 from .autoregressive import left_to_right, start_ar_state
-from .decode import plan_and_infill, start_state
+from .decode import plan_and_infill
+from .state import start_state
 from .state import DecodeState, finish
 from .settings import DecodeSettings
 from .errors import RefusionError

@@ -14,7 +14,9 @@ from .kv import SlotCache
 from .kv.layout import SINK
 from .kv.prompt import PromptCache
 from .transcript import GenerationResult, Transcript
-from .validation import check_eos, check_token_ids
+from .settings import DecodeSettings
+from .tokenizer_utils import resolve_mask_id
+from .validation import check_eos, check_token_id, check_token_ids
 
 
 @dataclass
@@ -39,10 +41,10 @@ class DecodeState:
         return self.prompt_length - len(self.uncached)
 
 
-def resolve_eos(eos_token_id: Union[None, int, Iterable[int]], model) -> frozenset:
-    """EOS ids as a set: the argument, else the model config's (possibly none)."""
+def resolve_eos(eos_token_id: Union[None, int, Iterable[int]], config) -> frozenset:
+    """EOS ids as a set: the argument, else the model config's (``model.args``; possibly none)."""
     if eos_token_id is None:
-        eos_token_id = getattr(model.args, "eos_token_id", None)
+        eos_token_id = getattr(config, "eos_token_id", None)
     if eos_token_id is None:
         return frozenset()
     if isinstance(eos_token_id, int):
@@ -98,9 +100,10 @@ def new_state(model, prompt_ids: List[int], gen_length: int, room: int, block: i
     key = None
     if temperature > 0:
         key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    eos_ids = resolve_eos(eos_token_id, model.args)
     cache, cached = open_cache(model, prompt_ids, room, block, prompt_cache)
     return DecodeState(cache=cache, prompt_length=len(prompt_ids), uncached=prompt_ids[cached:], mask_id=mask_id,
-                       eos_ids=resolve_eos(eos_token_id, model), gen_length=gen_length, key=key,
+                       eos_ids=eos_ids, gen_length=gen_length, key=key,
                        cached_tokens=cached)
 
 
@@ -113,6 +116,26 @@ def bounded_cache(model, prompt_cache: Optional[PromptCache], max_kv_size: Optio
     from .kv.prompt import make_prompt_cache
 
     return make_prompt_cache(model, max_kv_size)
+
+
+def start_state(model, prompt_ids: Sequence[int], settings: DecodeSettings, mask_id: Optional[int],
+                eos_token_id, prompt_cache: Optional[PromptCache] = None,
+                max_kv_size: Optional[int] = None) -> DecodeState:
+    """Validate a plan-and-infill request and set up its cache and counters (in the prompt cache,
+    when given: then only the prompt tokens it does not hold are fed; with ``max_kv_size``, in a
+    fresh bounded one)."""
+    settings.validate()
+    prompt_ids = check_token_ids("prompt_ids", prompt_ids)
+    if mask_id is not None:
+        check_token_id("mask_id", mask_id, model.args.vocab_size)
+    if prompt_ids:
+        settings.check_fits(len(prompt_ids), model.args.max_position_embeddings)
+    # The padding that makes whole slots and blocks may run past max_position_embeddings: RoPE
+    # is computed for any position, and nothing placed there is returned (docs/decoding.md).
+    mask_id = resolve_mask_id(mask_id, model.args)
+    return new_state(model, prompt_ids, settings.gen_length, settings.padded_length, settings.block_length,
+                     settings.temperature, settings.seed, eos_token_id,
+                     bounded_cache(model, prompt_cache, max_kv_size), mask_id=mask_id)
 
 
 def finish(state: DecodeState, transcript: Transcript, wall_time: float, prompt_ids: Sequence[int],

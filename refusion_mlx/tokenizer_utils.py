@@ -35,18 +35,18 @@ def mask_token_in_files(folder: Path) -> Optional[int]:
     return ids[0] if ids else read("added_tokens.json").get(MASK_TOKEN)
 
 
-def resolve_mask_id(mask_id: Optional[int], model) -> int:
-    """The mask token id: the argument, else the model config's ``mask_token_id`` (which ``load``
-    fills from the tokenizer when the config has none); checked against the vocabulary."""
+def resolve_mask_id(mask_id: Optional[int], config) -> int:
+    """The mask token id: the argument, else the model config's (``model.args``) ``mask_token_id``
+    (which ``load`` fills from the tokenizer when the config has none); checked against the vocabulary."""
     if mask_id is None:
-        mask_id = getattr(model.args, "mask_token_id", None)
+        mask_id = getattr(config, "mask_token_id", None)
     if mask_id is None:
         raise RefusionError(
             f"no mask token: the config has no mask_token_id and no {MASK_TOKEN} token was found; "
             "pass mask_id explicitly"
         )
-    if not 0 <= mask_id < model.args.vocab_size:
-        raise RefusionError(f"mask_id {mask_id} is outside the vocabulary (size {model.args.vocab_size})")
+    if not 0 <= mask_id < config.vocab_size:
+        raise RefusionError(f"mask_id {mask_id} is outside the vocabulary (size {config.vocab_size})")
     return int(mask_id)
 
 

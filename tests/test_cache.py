@@ -8,7 +8,8 @@ import pytest
 from numerics import assert_close
 
 from refusion_mlx.kv import SlotCache
-from refusion_mlx.decode import generate_step, start_state
+from refusion_mlx.decode import generate_step
+from refusion_mlx.state import start_state
 from refusion_mlx.settings import DecodeSettings
 
 

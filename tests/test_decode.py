@@ -12,9 +12,9 @@ from refusion_mlx.decode import (
     first_eos,
     generation_tpf,
     generate_step,
-    start_state,
     update_tags,
 )
+from refusion_mlx.state import start_state
 from refusion_mlx.settings import DecodeSettings, settings_for
 from reference_decoder import reference_generate
 from scripted_model import ScriptedModel

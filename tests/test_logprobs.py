@@ -80,7 +80,7 @@ def test_plan_and_infills_first_commit_logprobs_are_its_masked_forwards(tiny_mod
     """With token_threshold 0 every chosen draft is accepted, so the first commit holds tokens
     drafted by the first masked forward (the prompt and the first block's slots, nothing cached
     before): their logprobs are that forward's log_softmax, computed here on its own."""
-    from refusion_mlx.decode import start_state
+    from refusion_mlx.state import start_state
     from refusion_mlx.forwards import forward, request
     from refusion_mlx.settings import DecodeSettings
 
