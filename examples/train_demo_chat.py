@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - tic
     args.iters_done = saved_step(adapters)
     args.sizes_conversations = {"train": args.conversations, "valid": 200, "test": 200}
-    train_demo.GENERATION_CONFIG["prompt_formats"] = PROMPT_FORMATS
+    train_demo.GENERATION_CONFIG.update(prompt_formats=PROMPT_FORMATS, system_prompts=True)
     model = train_demo.export(out, init, adapters, export_args(args), seconds)
     print(f"demo model written to {model} ({args.iters_done} iterations)")
     if args.ship:

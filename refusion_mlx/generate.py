@@ -131,7 +131,8 @@ def off_format_warning(model, args) -> Optional[str]:
     """A warning when the prompt is formatted in a way the model was never trained on, else None."""
     if not getattr(model, "prompt_formats", None):
         return None
-    asked = [flag for flag, on in (("--system-prompt", args.system_prompt), ("--no-thinking", args.no_thinking),
+    system = args.system_prompt and not getattr(model, "trained_system_prompts", False)
+    asked = [flag for flag, on in (("--system-prompt", system), ("--no-thinking", args.no_thinking),
                                    ("--ignore-chat-template", args.ignore_chat_template)) if on]
     if not asked:
         return None

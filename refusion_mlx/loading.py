@@ -316,7 +316,8 @@ def attach_generation_config(model: Model, path: Path):
     ``generation_config.json`` may carry ``generate_ids``'s knobs (gen_length, slot_size,
     serial_num_blocks, slot_threshold, token_threshold): they replace the library's defaults
     for this model (the demo model ships its own). ``prompt_formats``, when present, lists the
-    only prompt formats the model was trained on; the command line warns when asked for another.
+    only prompt formats the model was trained on; the command line warns when asked for another
+    (``system_prompts: true``: a system prompt is one of them).
     """
     from .settings import KNOBS
 
@@ -324,6 +325,7 @@ def attach_generation_config(model: Model, path: Path):
     model.generation_defaults = MappingProxyType({k: config[k] for k in KNOBS if k in config})
     formats = config.get("prompt_formats")
     model.prompt_formats = "; ".join(formats) if isinstance(formats, list) else None
+    model.trained_system_prompts = config.get("system_prompts") is True
 
 
 def load(

@@ -93,6 +93,9 @@ def test_off_format_prompts_on_the_demo_model_are_flagged():
     plain = python("-m", "refusion_mlx.generate", "--prompt", "What is 2 + 3? Work column by column.",
                    "--max-tokens", "8")
     assert plain.returncode == 0 and "warning" not in plain.stderr
+    system = python("-m", "refusion_mlx.generate", "--prompt", "What is 2 + 3? Work column by column.",
+                    "--system-prompt", "Be brief and exact.", "--max-tokens", "8")  # the demo was trained with them
+    assert system.returncode == 0 and "warning" not in system.stderr
 
 
 def test_verbose_counts_iterations_in_english(tiny_tokenizer_model):
