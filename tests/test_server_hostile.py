@@ -62,6 +62,17 @@ def test_knobs_that_would_allocate_too_much_are_refused_by_name(server, knobs, p
     assert server.health()["running"] == 0
 
 
+@pytest.mark.parametrize("knobs, param", [
+    (dict(preset="nope"), "preset"),  # was param null: a client could not tell which field to fix
+    (dict(decoder="x"), "decoder"),
+    (dict(slot_threshold=2), "slot_threshold"),
+    (dict(top_logprobs=2), "top_logprobs"),
+])
+def test_every_refused_knob_is_named_in_param(server, knobs, param):
+    status, _, data = post(server, {"messages": HI, "max_tokens": 4, **knobs})
+    assert status == 400 and openai_error(data)["param"] == param
+
+
 def test_a_prompt_too_long_is_refused_by_its_size_before_tokenizing(server):
     """3.9 MB of text cannot fit 512 positions whatever the tokenizer does: refused on its bytes."""
     for path, body in ((CHAT, {"messages": [{"role": "user", "content": "ab " * 1_300_000}]}),
