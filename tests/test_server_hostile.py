@@ -146,6 +146,8 @@ def test_a_body_too_large_is_refused_before_it_is_read(server):
     (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
     (b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
+    (b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", 505),  # was served as HTTP/1.1
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),  # HTTP/2's preface: was a 404 for "PRI /*"
 ])
 def test_what_the_http_parser_refuses_is_json_too(server, request_bytes, status):
     got, head, body = status_and_body(exchange(server, request_bytes))

@@ -33,7 +33,8 @@ def logged_once(app):
 
 def h11_protocol():
     """uvicorn's h11 protocol, with OpenAI's JSON for the errors it answers itself (a request h11
-    cannot parse: 400; a head over MAX_HEAD: 431) and a deadline for every request head."""
+    cannot parse: 400; a head over MAX_HEAD: 431; an HTTP version other than 1.0/1.1: 505) and a
+    deadline for every request head."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -59,6 +60,10 @@ def h11_protocol():
                         raise self.protocol_error
                     if len(event.target) + sum(len(k) + len(v) for k, v in event.headers) > MAX_HEAD:
                         self.protocol_error = h11.RemoteProtocolError("request head too large", 431)
+                        raise self.protocol_error
+                    if event.http_version not in (b"1.0", b"1.1"):  # h11 reads any HTTP/d.d (HTTP/2's preface too)
+                        self.protocol_error = h11.RemoteProtocolError(
+                            f"HTTP/{event.http_version.decode()} is not supported (HTTP/1.1 is)", 505)
                         raise self.protocol_error
                     names = {k for k, _ in event.headers}
                     if b"transfer-encoding" in names and b"content-length" in names:  # smuggling, as two lengths
