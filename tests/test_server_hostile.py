@@ -135,6 +135,21 @@ def test_a_body_too_large_is_refused_before_it_is_read(server):
     assert status_and_body(response)[0] == 413
 
 
+def test_a_client_that_sends_its_whole_body_before_reading_still_gets_the_413(server):
+    """http.client writes all 5 MB before it reads: the server answers before reading them, and
+    must not reset the connection under that answer (it was ConnectionResetError every time)."""
+    import http.client
+
+    body = json.dumps({"messages": [{"role": "user", "content": "a" * (MAX_BODY + 2**20)}]}).encode()
+    for _ in range(2):
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        conn.request("POST", CHAT, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 413 and openai_error(response.read())["code"] == "body_too_large"
+        conn.close()
+    assert post(server, {"messages": HI, "max_tokens": 2})[0] == 200
+
+
 @pytest.mark.parametrize("request_bytes, status", [
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
      400),  # two lengths: a request-smuggling hazard behind a proxy
