@@ -170,6 +170,14 @@ def test_what_the_http_parser_refuses_is_json_too(server, request_bytes, status)
     assert openai_error(body)["code"] == "invalid_http_request"
 
 
+def test_an_absolute_form_target_is_served_as_its_path(server):
+    """RFC 9112: a server must accept ``GET http://host/path`` (was a 404 for "/http://x/health")."""
+    for target in (b"http://x/health?x=1", b"HTTP://x:80/v1/models/demo"):
+        got, _, body = status_and_body(exchange(server, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                                                b"Connection: close\r\n\r\n"))
+        assert got == 200 and json.loads(body), target
+
+
 def test_keep_alive_serves_several_requests_on_one_connection(server):
     one = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     with socket.create_connection((server.host, server.port), timeout=30) as s:

@@ -103,6 +103,10 @@ def h11_protocol():
                         self.protocol_error = h11.RemoteProtocolError(
                             "both Transfer-Encoding and Content-Length", 400)
                         raise self.protocol_error
+                    if event.target.lower().startswith((b"http://", b"https://")):  # absolute-form (RFC 9112 3.2.2)
+                        path = event.target.split(b"/", 3)[3] if event.target.count(b"/") >= 3 else b""
+                        event = h11.Request(method=event.method, target=b"/" + path, headers=event.headers,
+                                            http_version=event.http_version)
                 return event
 
             self.conn.next_event = watched
