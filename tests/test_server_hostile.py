@@ -178,6 +178,26 @@ def test_an_absolute_form_target_is_served_as_its_path(server):
         assert got == 200 and json.loads(body), target
 
 
+def test_health_counts_as_running_only_what_decodes(server):
+    """Six requests on a server of --max-concurrency 4: 'running' never says more than 4 (it counted
+    the queued ones too), 'waiting' has the rest, and both go back to 0."""
+    import threading
+
+    body = {"prompt": "1, 2, 3,", "max_tokens": 96, "decoder": "left-to-right"}
+    threads = [threading.Thread(target=post, args=(server, body, "/v1/completions")) for _ in range(6)]
+    for t in threads:
+        t.start()
+    seen = []
+    while any(t.is_alive() for t in threads):
+        health = server.health()
+        seen.append((health["running"], health["waiting"]))
+        time.sleep(0.02)
+    for t in threads:
+        t.join()
+    assert max(r for r, _ in seen) <= 4 and max(r + w for r, w in seen) >= 5, seen
+    assert server.health()["running"] == 0 == server.health()["waiting"]
+
+
 def test_keep_alive_serves_several_requests_on_one_connection(server):
     one = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     with socket.create_connection((server.host, server.port), timeout=30) as s:

@@ -136,7 +136,8 @@ class App:
         from starlette.responses import JSONResponse
 
         engine, svc = self.service.engine, self.service
-        return JSONResponse({"status": "ok", "running": len(engine.running), "waiting": engine.queued,
+        # running: sequences decoding now (at most --max-concurrency); waiting: the queue behind them
+        return JSONResponse({"status": "ok", "running": len(engine.scheduler.active), "waiting": engine.queued,
                              "disconnected": svc.disconnected})
 
     def _model_card(self) -> dict:
