@@ -178,6 +178,13 @@ def test_an_absolute_form_target_is_served_as_its_path(server):
         assert got == 200 and json.loads(body), target
 
 
+def test_a_trailing_slash_names_the_same_endpoint(server):
+    """``POST /v1/chat/completions/`` was a 307 with an empty body; ``GET /v1/models/`` a 404."""
+    status, _, data = post(server, {"messages": HI, "max_tokens": 2}, CHAT + "/")
+    assert status == 200 and json.loads(data)["object"] == "chat.completion"
+    assert server.raw("GET", "/v1/models/")[1]["object"] == "list"
+
+
 def test_health_counts_as_running_only_what_decodes(server):
     """Six requests on a server of --max-concurrency 4: 'running' never says more than 4 (it counted
     the queued ones too), 'waiting' has the rest, and both go back to 0."""

@@ -110,8 +110,17 @@ class App:
             middleware.append(Middleware(CORS, allow_origins=self.cors_origins,
                                          allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
                                          max_age=600))
-        return Starlette(routes=routes, middleware=middleware,
-                         exception_handlers={HTTPException: self.http_error, Exception: self.server_error})
+        app = Starlette(routes=routes, middleware=middleware,
+                        exception_handlers={HTTPException: self.http_error, Exception: self.server_error})
+
+        async def asgi(scope, receive, send):
+            # A trailing slash names the same endpoint (Starlette would answer a bare 307 with no body).
+            path = scope.get("path", "")
+            if len(path) > 1 and path.endswith("/"):
+                scope = {**scope, "path": path.rstrip("/") or "/"}
+            await app(scope, receive, send)
+
+        return asgi
 
     # -- errors --
     async def http_error(self, request, exc):
