@@ -179,7 +179,7 @@ def mixed_run(client: Client, examples: List[dict], size: int, concurrency: int,
     bad = [
         (b"{not json", 400), ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400),
         ({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404),
-        ({"messages": [{"role": "user", "content": "word " * 2000}]}, 400),
+        ({"messages": [{"role": "user", "content": "word " * 3000}]}, 400),  # over the demo's 2048 positions
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400),
         ({"prompt": [1, 2, 10 ** 9]}, 400),
     ]
