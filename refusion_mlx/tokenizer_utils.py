@@ -1,7 +1,9 @@
 """Tokens with a meaning: the mask token, EOS, and prompts built the same way for training and
 for decoding."""
 
+import functools
 import json
+import re
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -99,3 +101,32 @@ def prompt_text(tokenizer, prompt: Union[str, List[dict]], system_prompt: Option
     else:
         raise RefusionError("a multi-turn chat needs a tokenizer with a chat template")
     return text
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_chars() -> dict:
+    """Byte-level BPE's alphabet (GPT-2's, Qwen's): each byte is one printable character, the
+    printable Latin-1 bytes as themselves, the others as chr(256 + k) in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table = {chr(b): b for b in kept}
+    table.update({chr(256 + k): b for k, b in enumerate(b for b in range(256) if b not in set(kept))})
+    return table
+
+
+def token_bytes(tokenizer, token: int) -> bytes:
+    """The bytes one token stands for. A token holding part of a character (byte-level BPE, or
+    SentencePiece's <0xNN> fallback) decodes alone to U+FFFD; its own bytes are read from its
+    vocabulary entry instead, so a sequence's tokens' bytes always join into its UTF-8 text."""
+    text = tokenizer.decode([token])
+    if "\ufffd" not in text:
+        return text.encode("utf-8", "surrogatepass")
+    piece = tokenizer.convert_ids_to_tokens(token)
+    if isinstance(piece, str):
+        fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if fallback:
+            return bytes([int(fallback.group(1), 16)])
+        table = _byte_level_chars()
+        if piece and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+    return text.encode("utf-8", "surrogatepass")

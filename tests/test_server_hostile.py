@@ -62,6 +62,17 @@ def test_knobs_that_would_allocate_too_much_are_refused_by_name(server, knobs, p
     assert server.health()["running"] == 0
 
 
+@pytest.mark.parametrize("knobs, param", [
+    (dict(preset="nope"), "preset"),  # was param null: a client could not tell which field to fix
+    (dict(decoder="x"), "decoder"),
+    (dict(slot_threshold=2), "slot_threshold"),
+    (dict(top_logprobs=2), "top_logprobs"),
+])
+def test_every_refused_knob_is_named_in_param(server, knobs, param):
+    status, _, data = post(server, {"messages": HI, "max_tokens": 4, **knobs})
+    assert status == 400 and openai_error(data)["param"] == param
+
+
 def test_a_prompt_too_long_is_refused_by_its_size_before_tokenizing(server):
     """3.9 MB of text cannot fit the demo's 2048 positions whatever the tokenizer does: refused on its bytes."""
     for path, body in ((CHAT, {"messages": [{"role": "user", "content": "ab " * 1_300_000}]}),
@@ -124,6 +135,21 @@ def test_a_body_too_large_is_refused_before_it_is_read(server):
     assert status_and_body(response)[0] == 413
 
 
+def test_a_client_that_sends_its_whole_body_before_reading_still_gets_the_413(server):
+    """http.client writes all 5 MB before it reads: the server answers before reading them, and
+    must not reset the connection under that answer (it was ConnectionResetError every time)."""
+    import http.client
+
+    body = json.dumps({"messages": [{"role": "user", "content": "a" * (MAX_BODY + 2**20)}]}).encode()
+    for _ in range(2):
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        conn.request("POST", CHAT, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 413 and openai_error(response.read())["code"] == "body_too_large"
+        conn.close()
+    assert post(server, {"messages": HI, "max_tokens": 2})[0] == 200
+
+
 @pytest.mark.parametrize("request_bytes, status", [
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
      400),  # two lengths: a request-smuggling hazard behind a proxy
@@ -135,11 +161,48 @@ def test_a_body_too_large_is_refused_before_it_is_read(server):
     (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
     (b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
+    (b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", 505),  # was served as HTTP/1.1
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),  # HTTP/2's preface: was a 404 for "PRI /*"
 ])
 def test_what_the_http_parser_refuses_is_json_too(server, request_bytes, status):
     got, head, body = status_and_body(exchange(server, request_bytes))
     assert got == status and "application/json" in head
     assert openai_error(body)["code"] == "invalid_http_request"
+
+
+def test_an_absolute_form_target_is_served_as_its_path(server):
+    """RFC 9112: a server must accept ``GET http://host/path`` (was a 404 for "/http://x/health")."""
+    for target in (b"http://x/health?x=1", b"HTTP://x:80/v1/models/demo"):
+        got, _, body = status_and_body(exchange(server, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                                                b"Connection: close\r\n\r\n"))
+        assert got == 200 and json.loads(body), target
+
+
+def test_a_trailing_slash_names_the_same_endpoint(server):
+    """``POST /v1/chat/completions/`` was a 307 with an empty body; ``GET /v1/models/`` a 404."""
+    status, _, data = post(server, {"messages": HI, "max_tokens": 2}, CHAT + "/")
+    assert status == 200 and json.loads(data)["object"] == "chat.completion"
+    assert server.raw("GET", "/v1/models/")[1]["object"] == "list"
+
+
+def test_health_counts_as_running_only_what_decodes(server):
+    """Six requests on a server of --max-concurrency 4: 'running' never says more than 4 (it counted
+    the queued ones too), 'waiting' has the rest, and both go back to 0."""
+    import threading
+
+    body = {"prompt": "1, 2, 3,", "max_tokens": 96, "decoder": "left-to-right"}
+    threads = [threading.Thread(target=post, args=(server, body, "/v1/completions")) for _ in range(6)]
+    for t in threads:
+        t.start()
+    seen = []
+    while any(t.is_alive() for t in threads):
+        health = server.health()
+        seen.append((health["running"], health["waiting"]))
+        time.sleep(0.02)
+    for t in threads:
+        t.join()
+    assert max(r for r, _ in seen) <= 4 and max(r + w for r, w in seen) >= 5, seen
+    assert server.health()["running"] == 0 == server.health()["waiting"]
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(server):

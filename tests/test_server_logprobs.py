@@ -111,3 +111,24 @@ def test_logprob_requests_it_cannot_honour_are_one_json_400(server, path, body, 
                                 {"Content-Type": "application/json"})
     assert status == 400 and answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"
     assert param in answer["error"]["message"]
+
+
+def test_chat_logprobs_bytes_join_into_the_text_when_tokens_split_characters(demo):
+    """OpenAI's ``bytes`` are a token's own UTF-8 bytes, so that tokens holding parts of one
+    character join into it. Each of these tokens decodes alone to U+FFFD, whose 3 bytes were given."""
+    from types import SimpleNamespace
+
+    from refusion_mlx.serving.answers import Answer, Reply
+    from refusion_mlx.tokenizer_utils import token_bytes
+
+    _, tokenizer = demo
+    text = "猫😀 日本語, é and 👩‍👧"
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # the case: pieces of characters
+    assert b"".join(token_bytes(tokenizer, i) for i in ids) == text.encode("utf-8")
+    job = SimpleNamespace(eos=frozenset(), max_tokens=len(ids), settings=SimpleNamespace(logprobs=1))
+    answer = Answer(tokenizer, job, [])
+    entries = [(k, token, -0.5, [(token, -0.5)]) for k, token in enumerate(ids)]
+    content = Reply(True, "demo", 1, [answer]).logprobs(answer, entries)["content"]
+    assert bytes(b for e in content for b in e["bytes"]).decode("utf-8") == text
+    assert all(e["top_logprobs"][0]["bytes"] == e["bytes"] for e in content)

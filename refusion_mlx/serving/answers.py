@@ -90,11 +90,13 @@ class Reply:
         """OpenAI's logprobs object for these ``Answer.scores`` entries (None when not asked)."""
         if not answer.wants_logprobs:
             return None
-        decode = answer.transcript.tokenizer.decode
+        from ..tokenizer_utils import token_bytes
+
+        tokenizer = answer.transcript.tokenizer
+        decode = tokenizer.decode
         if self.chat:
-            def item(token, logprob):
-                text = decode([token])
-                return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "surrogatepass"))}
+            def item(token, logprob):  # bytes: the token's own, even when it holds part of a character
+                return {"token": decode([token]), "logprob": logprob, "bytes": list(token_bytes(tokenizer, token))}
             return {"content": [{**item(token, lp), "top_logprobs": [item(*pair) for pair in top]}
                                 for _, token, lp, top in entries], "refusal": None}
         prefix = answer.transcript.prefix(with_eos=False)

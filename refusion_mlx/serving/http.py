@@ -110,8 +110,17 @@ class App:
             middleware.append(Middleware(CORS, allow_origins=self.cors_origins,
                                          allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
                                          max_age=600))
-        return Starlette(routes=routes, middleware=middleware,
-                         exception_handlers={HTTPException: self.http_error, Exception: self.server_error})
+        app = Starlette(routes=routes, middleware=middleware,
+                        exception_handlers={HTTPException: self.http_error, Exception: self.server_error})
+
+        async def asgi(scope, receive, send):
+            # A trailing slash names the same endpoint (Starlette would answer a bare 307 with no body).
+            path = scope.get("path", "")
+            if len(path) > 1 and path.endswith("/"):
+                scope = {**scope, "path": path.rstrip("/") or "/"}
+            await app(scope, receive, send)
+
+        return asgi
 
     # -- errors --
     async def http_error(self, request, exc):
@@ -136,7 +145,8 @@ class App:
         from starlette.responses import JSONResponse
 
         engine, svc = self.service.engine, self.service
-        return JSONResponse({"status": "ok", "running": len(engine.running), "waiting": engine.queued,
+        # running: sequences decoding now (at most --max-concurrency); waiting: the queue behind them
+        return JSONResponse({"status": "ok", "running": len(engine.scheduler.active), "waiting": engine.queued,
                              "disconnected": svc.disconnected})
 
     def _model_card(self) -> dict:

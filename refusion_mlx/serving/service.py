@@ -43,7 +43,7 @@ def _request_error(e: RefusionError, chat: bool) -> RequestError:
         return RequestError(message, "messages" if chat else "prompt", code="context_length_exceeded")
     fields = [knob.field for knob in KNOB_TABLE] + ["preset"]
     named = [n for n in fields if message.startswith(n) or f"{n} (" in message or f"'{n}" in message
-             or f"{n} must" in message]
+             or f"{n} must" in message or f"unknown {n} " in message]
     return RequestError(message, named[0] if named else None)
 
 

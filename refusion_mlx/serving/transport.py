@@ -15,6 +15,7 @@ MAX_HEAD = 16 * 2**10  # bytes in a request line and its headers (beyond: 431)
 MAX_TARGET = 8 * 2**10  # bytes in a request's path and query (beyond: 414)
 HEAD_TIMEOUT = 10.0  # seconds a connection has to send a whole request head
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
+LINGER = 2.0  # seconds a connection answered before its body was read still reads (and drops) that body
 DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_PREFILL_STEP = 512  # prompt tokens a request feeds per step: a long prompt never stalls the others
@@ -31,9 +32,42 @@ def logged_once(app):
     return asgi
 
 
+class Lingering:
+    """A transport whose ``close`` is a lingering close while the client is still sending a body
+    that was refused unread (a 413): the answer is followed by FIN, what the client still sends is
+    dropped, and the socket is closed ``LINGER`` seconds later. Closing at once would make the
+    kernel answer the unread bytes with a reset, and a client that writes its whole body before
+    reading (``http.client``) would see the reset instead of the 413."""
+
+    def __init__(self, transport, protocol):
+        self._transport, self._protocol = transport, protocol
+        self.lingering = False
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self):
+        import h11
+
+        t = self._transport
+        if self.lingering or t.is_closing():
+            return
+        if self._protocol.conn.their_state is not h11.SEND_BODY or not t.can_write_eof():
+            t.close()
+            return
+        self.lingering = True
+        t.write_eof()
+        t.resume_reading()  # uvicorn may have paused it while the unread body piled up
+        self._protocol.loop.call_later(LINGER, t.close)
+
+
 def h11_protocol():
     """uvicorn's h11 protocol, with OpenAI's JSON for the errors it answers itself (a request h11
-    cannot parse: 400; a head over MAX_HEAD: 431) and a deadline for every request head."""
+    cannot parse: 400; a head over MAX_HEAD: 431; an HTTP version other than 1.0/1.1: 505) and a
+    deadline for every request head."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -60,11 +94,19 @@ def h11_protocol():
                     if len(event.target) + sum(len(k) + len(v) for k, v in event.headers) > MAX_HEAD:
                         self.protocol_error = h11.RemoteProtocolError("request head too large", 431)
                         raise self.protocol_error
+                    if event.http_version not in (b"1.0", b"1.1"):  # h11 reads any HTTP/d.d (HTTP/2's preface too)
+                        self.protocol_error = h11.RemoteProtocolError(
+                            f"HTTP/{event.http_version.decode()} is not supported (HTTP/1.1 is)", 505)
+                        raise self.protocol_error
                     names = {k for k, _ in event.headers}
                     if b"transfer-encoding" in names and b"content-length" in names:  # smuggling, as two lengths
                         self.protocol_error = h11.RemoteProtocolError(
                             "both Transfer-Encoding and Content-Length", 400)
                         raise self.protocol_error
+                    if event.target.lower().startswith((b"http://", b"https://")):  # absolute-form (RFC 9112 3.2.2)
+                        path = event.target.split(b"/", 3)[3] if event.target.count(b"/") >= 3 else b""
+                        event = h11.Request(method=event.method, target=b"/" + path, headers=event.headers,
+                                            http_version=event.http_version)
                 return event
 
             self.conn.next_event = watched
@@ -79,13 +121,18 @@ def h11_protocol():
                 self.transport.close()
 
         def connection_made(self, transport):
-            super().connection_made(transport)
+            super().connection_made(Lingering(transport, self))
             self._arm()
 
         def on_response_complete(self):
             super().on_response_complete()
             if not self.transport.is_closing():
                 self._arm()
+
+        def data_received(self, data: bytes):
+            if self.transport.lingering:  # answered and closing: the rest of a refused body is dropped
+                return
+            super().data_received(data)
 
         def connection_lost(self, exc):
             if self.head_timer is not None:
