@@ -224,21 +224,13 @@ def format_markdown(rows: Sequence[Row]) -> str:
 
 def plot_rows(rows: Sequence[Row], path: str):
     """Speed against accuracy of the generative rows (numbers: table rows; red: left to right)."""
-    import matplotlib.pyplot as plt
-
-    from .plot import figure
+    from .plot import save_figure
 
     points = [(str(k), r.tokens_per_second, 100 * r.accuracy, r.decoder == LEFT_TO_RIGHT)
               for k, r in enumerate(rows) if r.generative]
     if not points:
         return None
-    fig = figure(points)
-    try:
-        fig.savefig(path)
-    except OSError as e:
-        raise RefusionError(f"cannot write --plot {path}: {e.strerror or e}") from None
-    finally:
-        plt.close(fig)
+    save_figure(points, path, "--plot")
     return path
 
 

@@ -62,16 +62,22 @@ def place_labels(fig, ax, points):
             text.remove()
 
 
-def plot(scores: Sequence, path: str) -> str:
-    """Speed (tokens/s) against accuracy of ``scores`` (evaluate.Score), saved as a PNG."""
+def save_figure(points: Sequence[tuple], path: str, what: str):
+    """``figure(points)`` written to ``path`` as a PNG; a path that cannot be written is one error
+    naming ``what`` (the flag or file the user gave)."""
     import matplotlib.pyplot as plt
 
-    points = [(str(k), s.tokens_per_second, 100 * s.accuracy, k == 0) for k, s in enumerate(scores)]
     fig = figure(points)
     try:
         fig.savefig(path)
     except OSError as e:
-        raise RefusionError(f"cannot write the plot {path}: {e.strerror or e}") from None
+        raise RefusionError(f"cannot write {what} {path}: {e.strerror or e}") from None
     finally:
         plt.close(fig)
+
+
+def plot(scores: Sequence, path: str) -> str:
+    """Speed (tokens/s) against accuracy of ``scores`` (evaluate.Score), saved as a PNG."""
+    save_figure([(str(k), s.tokens_per_second, 100 * s.accuracy, k == 0) for k, s in enumerate(scores)],
+                path, "the plot")
     return "matplotlib"

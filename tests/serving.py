@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import openai
 from conftest import with_root_on_path
@@ -45,6 +46,16 @@ class Server:
 
     def health(self):
         return self.raw("GET", "/health")[1]
+
+    def health_after_disconnect(self, before: int, timeout: float = 30.0):
+        """/health once a disconnect beyond ``before`` is counted and nothing runs (or at the timeout)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            health = self.health()
+            if health["disconnected"] > before and health["running"] == 0:
+                break
+            time.sleep(0.05)
+        return health
 
     def stop(self, sig=signal.SIGINT):
         """Ctrl-C (or ``sig``); returns (exit status, stderr)."""

@@ -64,6 +64,27 @@ class Lingering:
         self._protocol.loop.call_later(LINGER, t.close)
 
 
+def checked_request(event):
+    """An h11 ``Request`` as the app may take it, or ``h11.RemoteProtocolError`` with its status:
+    h11 bounds only a head that arrives in pieces, reads any HTTP/d.d and accepts both lengths."""
+    import h11
+
+    if len(event.target) > MAX_TARGET:
+        raise h11.RemoteProtocolError("request target too long", 414)
+    if len(event.target) + sum(len(k) + len(v) for k, v in event.headers) > MAX_HEAD:
+        raise h11.RemoteProtocolError("request head too large", 431)
+    if event.http_version not in (b"1.0", b"1.1"):  # HTTP/2's preface reads as HTTP/2.0
+        raise h11.RemoteProtocolError(f"HTTP/{event.http_version.decode()} is not supported (HTTP/1.1 is)", 505)
+    names = {k for k, _ in event.headers}
+    if b"transfer-encoding" in names and b"content-length" in names:  # smuggling, as two lengths
+        raise h11.RemoteProtocolError("both Transfer-Encoding and Content-Length", 400)
+    if event.target.lower().startswith((b"http://", b"https://")):  # absolute-form (RFC 9112 3.2.2)
+        path = event.target.split(b"/", 3)[3] if event.target.count(b"/") >= 3 else b""
+        return h11.Request(method=event.method, target=b"/" + path, headers=event.headers,
+                           http_version=event.http_version)
+    return event
+
+
 def h11_protocol():
     """uvicorn's h11 protocol, with OpenAI's JSON for the errors it answers itself (a request h11
     cannot parse: 400; a head over MAX_HEAD: 431; an HTTP version other than 1.0/1.1: 505) and a
@@ -81,32 +102,13 @@ def h11_protocol():
             def watched():  # keeps h11's reason and status, which uvicorn drops
                 try:
                     event = next_event()
+                    if isinstance(event, h11.Request):
+                        if self.head_timer is not None:
+                            self.head_timer.cancel()
+                        event = checked_request(event)
                 except h11.RemoteProtocolError as e:
                     self.protocol_error = e
                     raise
-                if isinstance(event, h11.Request):
-                    if self.head_timer is not None:
-                        self.head_timer.cancel()
-                    # h11 bounds only a head that arrives in pieces; one that came whole is measured here.
-                    if len(event.target) > MAX_TARGET:
-                        self.protocol_error = h11.RemoteProtocolError("request target too long", 414)
-                        raise self.protocol_error
-                    if len(event.target) + sum(len(k) + len(v) for k, v in event.headers) > MAX_HEAD:
-                        self.protocol_error = h11.RemoteProtocolError("request head too large", 431)
-                        raise self.protocol_error
-                    if event.http_version not in (b"1.0", b"1.1"):  # h11 reads any HTTP/d.d (HTTP/2's preface too)
-                        self.protocol_error = h11.RemoteProtocolError(
-                            f"HTTP/{event.http_version.decode()} is not supported (HTTP/1.1 is)", 505)
-                        raise self.protocol_error
-                    names = {k for k, _ in event.headers}
-                    if b"transfer-encoding" in names and b"content-length" in names:  # smuggling, as two lengths
-                        self.protocol_error = h11.RemoteProtocolError(
-                            "both Transfer-Encoding and Content-Length", 400)
-                        raise self.protocol_error
-                    if event.target.lower().startswith((b"http://", b"https://")):  # absolute-form (RFC 9112 3.2.2)
-                        path = event.target.split(b"/", 3)[3] if event.target.count(b"/") >= 3 else b""
-                        event = h11.Request(method=event.method, target=b"/" + path, headers=event.headers,
-                                            http_version=event.http_version)
                 return event
 
             self.conn.next_event = watched
