@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--train-examples", type=int, default=80000,
                    help="single-turn training examples (train_demo.py's 80000: the same split)")
     p.add_argument("--conversations", type=int, default=30000, help="multi-turn training conversations")
+    p.add_argument("--single-turn-repeats", type=int, default=1,
+                   help="times each single-turn training example is in train.jsonl (weights the mix toward "
+                        "single turns; the task families have only ~80000 distinct examples)")
     p.add_argument("--iters", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=5e-4)
@@ -65,6 +68,7 @@ def write_data(data: Path, args) -> Path:
     """train/valid JSONL: single-turn records then conversations (the trainer batches by length)."""
     single = tasks.make_splits(args.seed, train_demo.split_sizes(args))
     chats = conversations.make_splits(args.seed, {"train": args.conversations, "valid": 200, "test": 200})
+    single["train"] = single["train"] * args.single_turn_repeats
     data.mkdir(parents=True, exist_ok=True)
     for name in ("train", "valid"):
         lines = (json.dumps(x, ensure_ascii=False) for x in single[name] + chats[name])
