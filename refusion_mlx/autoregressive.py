@@ -103,7 +103,11 @@ def generate_ar_ids(
     def step(tokens, start):
         nonlocal calls
         calls += 1
-        cache.evict_for(tokens.size)
+        if cache.must_evict(tokens.size):
+            # Let the step in flight finish first: the eviction's moves then overwrite buffers nothing
+            # else holds, instead of copying the whole cache beside the one that step still reads.
+            mx.eval(tokens)
+            cache.evict_for(tokens.size)
         view = cache.append(tokens.size)
         cache.record(view, np.arange(start, start + tokens.size))
         logits = model(tokens.reshape(1, -1), start, cache, view, last=1)[0, -1]

@@ -246,7 +246,7 @@ class SlotLayout:
         does not copy entries on every token. Only committed entries are dropped: call it between
         blocks, never while a block's forwards are under way.
         """
-        if self.max_size is None or self.length + needed <= self.max_size:
+        if not self.must_evict(needed):
             return 0
         excess = self.length + needed - self.max_size
         candidates = np.flatnonzero(self.positions[: self.length] >= sink)
@@ -258,6 +258,10 @@ class SlotLayout:
         kept[victims] = False
         self.retain(kept)
         return drop
+
+    def must_evict(self, needed: int) -> bool:
+        """Whether ``evict_for(needed)`` would drop entries."""
+        return self.max_size is not None and self.length + needed > self.max_size
 
     def take_moves(self) -> List[Tuple[np.ndarray, Union[int, np.ndarray]]]:
         """The recorded moves, oldest first, forgotten here (the buffers apply them)."""
