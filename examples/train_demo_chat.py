@@ -150,7 +150,10 @@ PROMPT_FORMATS = ["chat template, thinking on, with or without a system prompt, 
 def export_args(args) -> argparse.Namespace:
     """What training.json records: this run's recipe (``train_demo.export`` drops out/resume/ship)."""
     recipe = {k: v for k, v in vars(args).items() if k not in ("data_only", "train_seconds")}
-    recipe["source"] = "the shipped demo (examples/train_demo.py), fine-tuned by examples/train_demo_chat.py"
+    recipe["source"] = "the model of from_recipe, fine-tuned by examples/train_demo_chat.py"
+    earlier = Path(args.source) / "training.json"  # the chain of phases stays on record
+    if earlier.exists():
+        recipe["from_recipe"] = json.loads(earlier.read_text())
     return argparse.Namespace(**recipe)
 
 

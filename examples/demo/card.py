@@ -43,7 +43,7 @@ token per digit), Qwen's special tokens plus `<|beginoftext|>` and `<|mask|>`
 
 ## Recipe
 
-`python examples/train_demo.py --out models/demo --ship` with:
+{recipe_command}
 
 ```json
 {recipe}
@@ -124,6 +124,10 @@ def write_card(folder, results: str = NO_RESULTS) -> Path:
         size_mb=size_bytes / 1e6, seed=recipe["seed"], examples=example_queries(),
         vocab=config["vocab_size"], mask=config["mask_token_id"], recipe=json.dumps(recipe, indent=2),
         ar_share=recipe.get("ar_fraction", 0.0), results=results, chat=chat_section(recipe, config),
+        recipe_command=("`examples/train_demo.py`, then `examples/train_demo_chat.py` once per phase, each `--from` "
+                        "the model of the phase before; the last phase's recipe, the earlier ones under `from_recipe`:"
+                        if recipe.get("sizes_conversations") else
+                        "`python examples/train_demo.py --out models/demo --ship` with:"),
         chat_note="no chat beyond conversations made of its tasks" if recipe.get("sizes_conversations") else "no chat",
         **recipe["sizes"])
     path = folder / "README.md"
