@@ -58,7 +58,7 @@ def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Calla
                                     last=1)
         state.cache.commit(len(fed))
         drawn = (n, *draw(state, settings, answer.logits[-1], answer.best[-1]))
-        if chosen is not None and (yield from read(state, chosen, on_commit, ahead=drawn[1:2] + drawn[2])):
+        if chosen is not None and (yield from read(state, chosen, on_commit, ahead=(drawn[1], *drawn[2]))):
             return
         chosen, fed, start = drawn, drawn[1].reshape(1), start + len(fed)
     if chosen is not None:
