@@ -41,9 +41,14 @@ def start_ar_state(model, prompt_ids: Sequence[int], max_tokens: int, temperatur
 
 def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Callable[[Commit], None]):
     """Left-to-right decoding as steps (``forwards.Forward``/``forwards.Sync``), for ``scheduler.Scheduler``:
-    at most ``settings.gen_length`` tokens, each handed to ``on_commit``. Alone, ``generate_ar_ids``
-    is faster: it queues the next forward before reading a token, which a step cannot."""
+    at most ``settings.gen_length`` tokens, each handed to ``on_commit``.
+
+    Pipelined as ``generate_ar_ids`` (and mlx-lm's ``generate_step``): forward n + 1 is fed token n
+    as a lazy array and queued before token n is read on the host, so the device computes while
+    the host commits and builds the next step. The tokens are the same; after an EOS the cache
+    holds one more entry (the EOS's, a valid one) and one more forward is counted."""
     fed, start = [], state.prompt_length
+    chosen = None  # (n, token, scores) of the last token drawn: lazy, not yet read
     for n in range(settings.gen_length):
         yield from make_room(state, len(fed))
         if state.uncached:
@@ -52,22 +57,37 @@ def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Calla
         answer = yield from request(state, fed, range(start, start + len(fed)), state.cache.append(len(fed)),
                                     last=1)
         state.cache.commit(len(fed))
-        if settings.temperature > 0:
-            state.key, key = mx.random.split(state.key)
-            choice = draft_tokens(answer.logits[-1], settings.temperature, key, settings.top_p, settings.top_k,
-                                  settings.min_p)
-        else:
-            choice = answer.best[-1]
-        scored = [] if settings.logprobs is None else token_logprobs(answer.logits[-1:], choice.reshape(1),
-                                                                     settings.logprobs)
-        token, *scored = yield from to_host(choice, *scored)
-        token = int(token)
-        logprobs, top = Scores.from_host(scored).lists(1) if scored else (None, None)
-        on_commit(Commit([n], [token], "left-to-right", 0, 1.0, logprobs, top))
-        if token in state.eos_ids:
-            state.finished = True
+        drawn = (n, *draw(state, settings, answer.logits[-1], answer.best[-1]))
+        if chosen is not None and (yield from read(state, chosen, on_commit, ahead=(drawn[1], *drawn[2]))):
             return
-        fed, start = [token], start + len(fed)
+        chosen, fed, start = drawn, drawn[1].reshape(1), start + len(fed)
+    if chosen is not None:
+        yield from read(state, chosen, on_commit)
+
+
+def draw(state: DecodeState, settings: DecodeSettings, logits: mx.array, best: mx.array):
+    """The next token (lazy: greedy, or sampled with the sequence's key) and, when asked, its
+    logprob arrays (``token_logprobs``)."""
+    if settings.temperature > 0:
+        state.key, key = mx.random.split(state.key)
+        choice = draft_tokens(logits, settings.temperature, key, settings.top_p, settings.top_k, settings.min_p)
+    else:
+        choice = best
+    scored = [] if settings.logprobs is None else token_logprobs(logits[None], choice.reshape(1), settings.logprobs)
+    return choice, tuple(scored)
+
+
+def read(state: DecodeState, chosen, on_commit: Callable[[Commit], None], ahead: tuple = ()):
+    """Read a drawn token on the host (``ahead`` queued first) and commit it; True at EOS."""
+    n, choice, scored = chosen
+    token, *scored = yield from to_host(choice, *scored, ahead=ahead)
+    token = int(token)
+    logprobs, top = Scores.from_host(scored).lists(1) if scored else (None, None)
+    on_commit(Commit([n], [token], "left-to-right", 0, 1.0, logprobs, top))
+    if token in state.eos_ids:
+        state.finished = True
+        return True
+    return False
 
 
 def generate_ar_ids(

@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from .blas import warn_if_slow_blas
-from .forwards import Forward, forward, previous_rows, request, to_host
+from .forwards import Forward, forward, previous_rows, request, sync, to_host
 from .kv.layout import SINK
 from .kv.prompt import PromptCache
 from .sampling import Scores, draft_tokens, probability_of, token_logprobs
@@ -344,7 +344,7 @@ def run_steps(model, state: DecodeState, steps):
             need = steps.send(reply)
         except StopIteration as stop:
             return stop.value
-        reply = forward(model, state.cache, need) if isinstance(need, Forward) else mx.eval(*need.arrays)
+        reply = forward(model, state.cache, need) if isinstance(need, Forward) else sync(need)
 
 
 def generate_step(model, state: DecodeState, settings: DecodeSettings) -> Iterator[Commit]:
@@ -359,7 +359,7 @@ def generate_step(model, state: DecodeState, settings: DecodeSettings) -> Iterat
             break
         while commits:
             yield commits.pop(0)
-        reply = forward(model, state.cache, need) if isinstance(need, Forward) else mx.eval(*need.arrays)
+        reply = forward(model, state.cache, need) if isinstance(need, Forward) else sync(need)
     yield from commits
 
 

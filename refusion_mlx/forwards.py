@@ -55,9 +55,12 @@ class Logits:
 
 @dataclass
 class Sync:
-    """Lazy results a step is about to read on the host; a batch evaluates everyone's together."""
+    """Lazy results a step is about to read on the host; a batch evaluates everyone's together.
+    ``ahead``: lazy results the step will read later, queued (``mx.async_eval``) before the wait,
+    so that the device computes them while the host works (a left-to-right step's next token)."""
 
     arrays: tuple
+    ahead: tuple = ()
 
 
 def request(state, tokens, positions, view: CacheView, last: Optional[int] = None,
@@ -72,10 +75,19 @@ def request(state, tokens, positions, view: CacheView, last: Optional[int] = Non
     return answer
 
 
-def to_host(*arrays: mx.array):
-    """The arrays as numpy arrays, after one synchronisation shared with the rest of a batch."""
-    yield Sync(arrays)
+def to_host(*arrays: mx.array, ahead: tuple = ()):
+    """The arrays as numpy arrays, after one synchronisation shared with the rest of a batch
+    (``ahead`` queued first: ``Sync``)."""
+    yield Sync(arrays, ahead)
     return [np.array(a) for a in arrays]
+
+
+def sync(*needs: Sync):
+    """Queue what the steps read later (their ``ahead``), then wait for what they read now."""
+    ahead = [a for need in needs for a in need.ahead]
+    if ahead:
+        mx.async_eval(*ahead)
+    mx.eval(*[a for need in needs for a in need.arrays])
 
 
 def previous_rows(n: int, stride: int = 1) -> np.ndarray:

@@ -22,7 +22,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Iterable, Iterator, List, Optional, Sequence, Union
 
-import mlx.core as mx
 
 from .autoregressive import left_to_right, start_ar_state
 from .decode import plan_and_infill
@@ -31,7 +30,7 @@ from .state import DecodeState, finish
 from .settings import DecodeSettings
 from .errors import RefusionError
 from .executor import Executor
-from .forwards import Forward, Sync, answers, request
+from .forwards import Forward, Sync, answers, request, sync
 from .kv import PromptCache, SlotLayout
 from .transcript import Commit, GenerationResult, Transcript
 
@@ -197,7 +196,7 @@ class Scheduler:
                 else:
                     seq.pending = need
             if syncs:
-                mx.eval(*[a for _, need in syncs for a in need.arrays])
+                sync(*[need for _, need in syncs])
             replies = [(seq, None) for seq, _ in syncs]
         self._leave(left)
         return left

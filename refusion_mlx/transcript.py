@@ -72,6 +72,7 @@ class Transcript:
         self.scores: Dict[int, tuple] = {}  # position -> (logprob, top pairs), when commits carry them
         self._order: List[int] = []  # placed positions, sorted
         self.prefix_length = 0
+        self.eos_in_prefix = False  # the gap-free start holds an EOS (kept as it grows: ``ended`` is read every step)
 
     def add(self, commit: Commit) -> List[int]:
         """Take one commit; returns the positions it filled inside the limit."""
@@ -85,6 +86,7 @@ class Transcript:
                 bisect.insort(self._order, position)
                 filled.append(position)
         while self.prefix_length in self.placed:
+            self.eos_in_prefix = self.eos_in_prefix or self.placed[self.prefix_length] in self.eos_ids
             self.prefix_length += 1
         return filled
 
@@ -111,9 +113,7 @@ class Transcript:
     @property
     def ended(self) -> bool:
         """The gap-free start reaches an EOS or the limit: nothing later can change the output."""
-        if self.limit is not None and self.prefix_length >= self.limit:
-            return True
-        return any(self.placed[p] in self.eos_ids for p in range(self.prefix_length))
+        return self.eos_in_prefix or (self.limit is not None and self.prefix_length >= self.limit)
 
     def result(self, model_calls: int, tokens_fed: int, wall_time: float, cached_tokens: int = 0,
                tpf: Optional[float] = None) -> GenerationResult:

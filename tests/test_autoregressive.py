@@ -41,3 +41,34 @@ def test_bad_requests(tiny_model):
         generate_ar_ids(tiny_model, [], max_tokens=4)
     with pytest.raises(RefusionError):
         generate_ar_ids(tiny_model, [1], max_tokens=5000)
+
+
+def test_the_scheduler_steps_queue_the_next_forward_before_reading_a_token(tiny_model):
+    """The step generator pipelines as generate_ar_ids does: forward n + 1 is fed token n as a lazy
+    array and launched (Sync.ahead) before token n is read; the tokens stay the naive loop's,
+    and an EOS still ends the answer (the one forward already under way is counted)."""
+    from refusion_mlx.autoregressive import left_to_right, start_ar_state
+    from refusion_mlx.forwards import Forward, Sync, forward, sync
+    from refusion_mlx.settings import DecodeSettings
+
+    prompt = [7, 8, 9, 10]
+    free = naive_greedy(tiny_model, prompt, 12)
+    eos = free[5]
+    state = start_ar_state(tiny_model, prompt, 12, eos_token_id=eos)
+    committed, needs = [], []
+    steps = left_to_right(state, DecodeSettings(gen_length=12, temperature=0.0), committed.append)
+    reply = None
+    while True:
+        try:
+            need = steps.send(reply)
+        except StopIteration:
+            break
+        needs.append(need)
+        reply = forward(tiny_model, state.cache, need) if isinstance(need, Forward) else sync(need)
+    assert [t for c in committed for t in c.tokens] == free[:free.index(eos) + 1]
+    forwards = [n for n in needs if isinstance(n, Forward)]
+    assert all(isinstance(f.tokens, mx.array) for f in forwards[1:])  # fed the lazy token
+    kinds = ["F" if isinstance(n, Forward) else "S" for n in needs]
+    assert "".join(kinds[:5]) == "FFSFS"  # a token is read only after the next forward is asked for
+    assert all(n.ahead for n in needs[:-1] if isinstance(n, Sync))
+    assert state.model_calls == len(free[:free.index(eos) + 1]) + 1

@@ -3,7 +3,7 @@ tasks' test prompts) alternate between them, level by level and round by round, 
 shared with other work slows both alike. Prints tokens/s of each and whether the answers match.
 
     git worktree add /tmp/before <commit>
-    python examples/perf/ab_servers.py /tmp/before . --prompts 8 --rounds 2
+    python examples/perf/ab_servers.py /tmp/before . --prompts 8 --rounds 2 [--decoder left-to-right]
 """
 
 import argparse
@@ -27,9 +27,12 @@ def start(root: str):
     return process, int(line.split()[3].rsplit(":", 1)[1].split("/")[0])
 
 
-def ask(port: int, query: str):
-    body = json.dumps({"messages": [{"role": "user", "content": query}], "stream": True,
-                       "stream_options": {"include_usage": True}})
+def ask(port: int, query: str, decoder=None):
+    request = {"messages": [{"role": "user", "content": query}], "stream": True,
+               "stream_options": {"include_usage": True}}
+    if decoder:
+        request["decoder"] = decoder
+    body = json.dumps(request)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     tokens, text = 0, []
@@ -45,7 +48,7 @@ def ask(port: int, query: str):
     return tokens, "".join(text)
 
 
-def level(port: int, queries, clients: int):
+def level(port: int, queries, clients: int, decoder=None):
     """Tokens/s of every query once, ``clients`` at a time, and the answers in order."""
     results, todo, lock = [None] * len(queries), iter(range(len(queries))), threading.Lock()
 
@@ -55,7 +58,7 @@ def level(port: int, queries, clients: int):
                 i = next(todo, None)
             if i is None:
                 return
-            results[i] = ask(port, queries[i])
+            results[i] = ask(port, queries[i], decoder)
 
     tic = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -72,6 +75,8 @@ def main():
     parser.add_argument("b", help="checkout B (e.g. after)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--decoder", choices=("plan-and-infill", "left-to-right"), default=None,
+                        help="the requests' decoder (default: the server's, plan-and-infill)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(args.b).resolve()))
     from refusion_mlx.demo.tasks import test_split
@@ -79,13 +84,13 @@ def main():
     queries = [example["query"] for example in test_split()][: args.prompts]
     servers = {"A": start(args.a), "B": start(args.b)}
     for _, port in servers.values():
-        level(port, queries[:2], 2)  # warm-up
+        level(port, queries[:2], 2, args.decoder)  # warm-up
     rows = {}
     try:
         for r in range(args.rounds):
             for clients in (1, 8):
                 for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
-                    tps, texts = level(servers[name][1], queries, clients)
+                    tps, texts = level(servers[name][1], queries, clients, args.decoder)
                     rows.setdefault((name, clients), []).append((tps, texts))
                     print(f"round {r} {name} {clients} clients: {tps:.1f} tokens/s", flush=True)
         for clients in (1, 8):

@@ -44,7 +44,7 @@ def tokens_per_second(client, examples, clients, decoder=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True, help="where mlx-lm's server listens")
-    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--requests", type=int, default=96, help="prompts per run (after 16 warm-up ones)")
     args = parser.parse_args()
     examples = test_split(size=args.requests)
     theirs = serve_bench.Client("127.0.0.1", args.port)
@@ -52,11 +52,14 @@ def main():
     ours = serve_bench.Client(server.host, server.port)
     try:
         for clients in (1, 8):
+            theirs_tps = None
             for name, client, decoder in (("mlx-lm server (left to right)", theirs, None),
                                           ("refusion_mlx plan-and-infill", ours, "plan-and-infill"),
                                           ("refusion_mlx left-to-right", ours, "left-to-right")):
                 tps, answered = tokens_per_second(client, examples, clients, decoder)
-                print(f"{name:32s} {clients:2d} clients: {tps:8.1f} tokens/s "
+                theirs_tps = tps if theirs_tps is None else theirs_tps  # mlx-lm's runs first
+                ratio = tps / theirs_tps if theirs_tps else float("nan")
+                print(f"{name:32s} {clients:2d} clients: {tps:8.1f} tokens/s {ratio:5.2f}x mlx-lm "
                       f"({answered}/{len(examples)} answered)", flush=True)
     finally:
         server.stop()
