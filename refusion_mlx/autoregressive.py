@@ -14,7 +14,7 @@ import numpy as np
 from .decode import make_room, run_steps
 from .state import DecodeState, bounded_cache, finish, new_state
 from .settings import DecodeSettings
-from .forwards import request, to_host
+from .forwards import Sync, request, to_host
 from .kv import PromptCache
 from .transcript import Commit, GenerationResult, Transcript
 from .errors import RefusionError
@@ -50,6 +50,8 @@ def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Calla
     fed, start = [], state.prompt_length
     chosen = None  # (n, token, scores) of the last token drawn: lazy, not yet read
     for n in range(settings.gen_length):
+        if chosen is not None and state.cache.must_evict(len(state.uncached) + len(fed)):
+            yield Sync((fed,))  # as generate_ar_ids: the step in flight ends before an eviction moves entries
         yield from make_room(state, len(fed))
         if state.uncached:
             fed, start = state.uncached, state.fed_from
@@ -125,7 +127,8 @@ def generate_ar_ids(
         calls += 1
         if cache.must_evict(tokens.size):
             # Let the step in flight finish first: the eviction's moves then overwrite buffers nothing
-            # else holds, instead of copying the whole cache beside the one that step still reads.
+            # else holds, instead of copying the whole cache beside the one that step still reads
+            # (on a GPU the bounded peak otherwise varied with that race).
             mx.eval(tokens)
             cache.evict_for(tokens.size)
         view = cache.append(tokens.size)

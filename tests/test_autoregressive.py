@@ -72,3 +72,45 @@ def test_the_scheduler_steps_queue_the_next_forward_before_reading_a_token(tiny_
     assert "".join(kinds[:5]) == "FFSFS"  # a token is read only after the next forward is asked for
     assert all(n.ahead for n in needs[:-1] if isinstance(n, Sync))
     assert state.model_calls == len(free[:free.index(eos) + 1]) + 1
+
+
+def test_left_to_right_finishes_the_step_in_flight_before_an_eviction(tiny_model):
+    """A bounded cache: the scheduler's left-to-right steps wait (a Sync with nothing queued) before
+    every eviction, so no running step still reads the buffers the eviction moves entries in; the
+    tokens are generate_ar_ids' (which waits the same way) and the batch API's."""
+    from refusion_mlx import batch_generate_ids, make_prompt_cache
+    from refusion_mlx.autoregressive import left_to_right, start_ar_state
+    from refusion_mlx.batch import LEFT_TO_RIGHT
+    from refusion_mlx.forwards import Forward, Sync, forward, sync
+    from refusion_mlx.settings import DecodeSettings
+
+    prompt, size, tokens = [40 + i % 50 for i in range(20)], 32, 40
+    want = generate_ar_ids(tiny_model, prompt, max_tokens=tokens, eos_token_id=[],
+                           prompt_cache=make_prompt_cache(tiny_model, max_kv_size=size)).tokens
+    cache = make_prompt_cache(tiny_model, max_kv_size=size)
+    state = start_ar_state(tiny_model, prompt, tokens, eos_token_id=[], prompt_cache=cache)
+    needs, before_evictions = [], []
+    evict_for = state.cache.evict_for
+
+    def watched(needed, *args):
+        dropped = evict_for(needed, *args)
+        if dropped and needs:
+            before_evictions.append(needs[-1])
+        return dropped
+
+    state.cache.evict_for = watched
+    committed, reply = [], None
+    steps = left_to_right(state, DecodeSettings(gen_length=tokens, temperature=0.0), committed.append)
+    while True:
+        try:
+            need = steps.send(reply)
+        except StopIteration:
+            break
+        needs.append(need)
+        reply = forward(tiny_model, state.cache, need) if isinstance(need, Forward) else sync(need)
+    assert [t for c in committed for t in c.tokens] == want
+    assert len(before_evictions) >= 2  # 60 entries through a 32-entry cache
+    assert all(isinstance(n, Sync) and not n.ahead for n in before_evictions)
+    batched = batch_generate_ids(tiny_model, [prompt], decoder=LEFT_TO_RIGHT, gen_length=tokens, eos_token_id=[],
+                                 prompt_caches=[make_prompt_cache(tiny_model, max_kv_size=size)])
+    assert batched[0].tokens == want
