@@ -47,24 +47,15 @@ def test_the_scheduler_steps_queue_the_next_forward_before_reading_a_token(tiny_
     """The step generator pipelines as generate_ar_ids does: forward n + 1 is fed token n as a lazy
     array and launched (Sync.ahead) before token n is read; the tokens stay the naive loop's,
     and an EOS still ends the answer (the one forward already under way is counted)."""
-    from refusion_mlx.autoregressive import left_to_right, start_ar_state
-    from refusion_mlx.forwards import Forward, Sync, forward, sync
-    from refusion_mlx.settings import DecodeSettings
+    from refusion_mlx.autoregressive import start_ar_state
+    from refusion_mlx.forwards import Forward, Sync
 
     prompt = [7, 8, 9, 10]
     free = naive_greedy(tiny_model, prompt, 12)
     eos = free[5]
     state = start_ar_state(tiny_model, prompt, 12, eos_token_id=eos)
-    committed, needs = [], []
-    steps = left_to_right(state, DecodeSettings(gen_length=12, temperature=0.0), committed.append)
-    reply = None
-    while True:
-        try:
-            need = steps.send(reply)
-        except StopIteration:
-            break
-        needs.append(need)
-        reply = forward(tiny_model, state.cache, need) if isinstance(need, Forward) else sync(need)
+    committed = []
+    needs = run_left_to_right(tiny_model, state, 12, committed.append)
     assert [t for c in committed for t in c.tokens] == free[:free.index(eos) + 1]
     forwards = [n for n in needs if isinstance(n, Forward)]
     assert all(isinstance(f.tokens, mx.array) for f in forwards[1:])  # fed the lazy token
@@ -79,10 +70,9 @@ def test_left_to_right_finishes_the_step_in_flight_before_an_eviction(tiny_model
     every eviction, so no running step still reads the buffers the eviction moves entries in; the
     tokens are generate_ar_ids' (which waits the same way) and the batch API's."""
     from refusion_mlx import batch_generate_ids, make_prompt_cache
-    from refusion_mlx.autoregressive import left_to_right, start_ar_state
+    from refusion_mlx.autoregressive import start_ar_state
     from refusion_mlx.batch import LEFT_TO_RIGHT
-    from refusion_mlx.forwards import Forward, Sync, forward, sync
-    from refusion_mlx.settings import DecodeSettings
+    from refusion_mlx.forwards import Sync
 
     prompt, size, tokens = [40 + i % 50 for i in range(20)], 32, 40
     want = generate_ar_ids(tiny_model, prompt, max_tokens=tokens, eos_token_id=[],
@@ -99,18 +89,30 @@ def test_left_to_right_finishes_the_step_in_flight_before_an_eviction(tiny_model
         return dropped
 
     state.cache.evict_for = watched
-    committed, reply = [], None
-    steps = left_to_right(state, DecodeSettings(gen_length=tokens, temperature=0.0), committed.append)
-    while True:
-        try:
-            need = steps.send(reply)
-        except StopIteration:
-            break
-        needs.append(need)
-        reply = forward(tiny_model, state.cache, need) if isinstance(need, Forward) else sync(need)
+    committed = []
+    run_left_to_right(tiny_model, state, tokens, committed.append, needs)
     assert [t for c in committed for t in c.tokens] == want
     assert len(before_evictions) >= 2  # 60 entries through a 32-entry cache
     assert all(isinstance(n, Sync) and not n.ahead for n in before_evictions)
     batched = batch_generate_ids(tiny_model, [prompt], decoder=LEFT_TO_RIGHT, gen_length=tokens, eos_token_id=[],
                                  prompt_caches=[make_prompt_cache(tiny_model, max_kv_size=size)])
     assert batched[0].tokens == want
+
+
+def run_left_to_right(model, state, tokens, on_commit, needs=None):
+    """Drive the scheduler's left-to-right steps for one sequence as the scheduler would; returns
+    every need (Forward or Sync) they yielded, in order (appended to ``needs`` as they come)."""
+    from refusion_mlx.autoregressive import left_to_right
+    from refusion_mlx.forwards import Forward, forward, sync
+    from refusion_mlx.settings import DecodeSettings
+
+    needs = [] if needs is None else needs
+    steps = left_to_right(state, DecodeSettings(gen_length=tokens, temperature=0.0), on_commit)
+    reply = None
+    while True:
+        try:
+            need = steps.send(reply)
+        except StopIteration:
+            return needs
+        needs.append(need)
+        reply = forward(model, state.cache, need) if isinstance(need, Forward) else sync(need)
