@@ -209,7 +209,10 @@ class SlotLayout:
         self._committed(entries.size)
 
     def _committed(self, n: int):
-        self.ages[self.length : self.length + n] = self.committed + np.arange(n)
+        if n == 1:  # left to right: every step
+            self.ages[self.length] = self.committed
+        else:
+            self.ages[self.length : self.length + n] = self.committed + np.arange(n)
         self.committed += n
         self.length += n
 
