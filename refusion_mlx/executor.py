@@ -69,8 +69,7 @@ class Executor:
     def forward(self, needs: List[Forward]) -> mx.array:
         """One forward for every sequence's ``Forward``: their wanted logits, one after another."""
         self.forwards += 1
-        if len(needs) == 1 and needs[0].view.index is None and not isinstance(needs[0].view.mask, np.ndarray) \
-                and self.bucket == 1:
+        if len(needs) == 1 and self._alone(needs[0]):
             return self._forward_alone(needs[0])
         if self.packed:
             return self._forward_packed(needs)
@@ -151,6 +150,14 @@ class Executor:
         # Each row's wanted logits are its last ones: gather them into one (wanted, vocabulary) array.
         rows = np.concatenate([b * last + np.arange(last - need.wanted, last) for b, need in enumerate(needs)])
         return logits[mx.array(rows)]
+
+    def _alone(self, need: Forward) -> bool:
+        """Whether a sequence running alone takes the plain path: it appends (contiguous writes,
+        no mask of its own) and, where key lengths come in buckets, feeds one token: a single
+        query without a mask is the fused fast path at any key length on every backend (as
+        ``SlotLayout.append`` and mlx-lm's decoding rely on), so only longer runs need the padding."""
+        view = need.view
+        return view.index is None and not isinstance(view.mask, np.ndarray) and (self.bucket == 1 or need.size == 1)
 
     def _forward_alone(self, need: Forward) -> mx.array:
         """One sequence appending: contiguous writes and a causal mask, exactly as ``decode.forward``."""

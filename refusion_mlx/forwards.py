@@ -107,8 +107,10 @@ def token_array(tokens) -> mx.array:
 def answers(logits: mx.array, needs: Sequence[Forward]) -> List[Logits]:
     """Each step's ``Logits`` from the wanted logits of ``needs``, one after another in ``logits``:
     the argmax and the probes' probabilities are computed once for all of them."""
-    bounds = np.cumsum([0] + [need.wanted for need in needs])
     best = mx.argmax(logits, axis=-1)
+    if len(needs) == 1 and needs[0].probe is None:  # one step, nothing probed: no splitting (every step)
+        return [Logits(logits, best)]
+    bounds = np.cumsum([0] + [need.wanted for need in needs])
     probed = [(lo, need.probe) for lo, need in zip(bounds, needs) if need.probe is not None]
     probability = None
     if probed:
@@ -136,7 +138,8 @@ def answers(logits: mx.array, needs: Sequence[Forward]) -> List[Logits]:
 def rope_positions(positions: np.ndarray):
     """An int for a contiguous run (RoPE's fused path: the prompt, a slot, neighbouring slots),
     else a (1, n) array."""
-    return int(positions[0]) if (np.diff(positions) == 1).all() else mx.array(positions[None])
+    contiguous = len(positions) == 1 or (np.diff(positions) == 1).all()
+    return int(positions[0]) if contiguous else mx.array(positions[None])
 
 
 def forward(model, cache: SlotCache, need: Forward) -> Logits:

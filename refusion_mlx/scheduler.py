@@ -152,7 +152,8 @@ class Scheduler:
 
     def _schedule(self) -> List[Generation]:
         cancelled = [s for s in self.waiting if s.cancelled]
-        self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        if cancelled:
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
         gone = [s for s in self.active if s.cancelled]
         for seq in self.active:
             if seq.finishing and not seq.cancelled:

@@ -170,6 +170,29 @@ def test_the_padded_layout_with_attention_buckets_decodes_the_same(tiny_model):
     assert [s.result.tokens for s in sequences] == [alone(tiny_model, r) for r in requests]
 
 
+def test_a_lone_sequence_feeds_single_tokens_unpadded_even_with_attention_buckets(tiny_model):
+    """With CUDA's key buckets, one sequence decoding left to right pads only its prompt's forward:
+    each later token is one query without a mask, which attends to exactly the entries so far
+    (the fast path at any key length), and decodes as it does alone."""
+    prompt = list(range(3, 20))
+    batch = Scheduler(tiny_model)
+    batch.executor.packed, batch.executor.bucket = False, 256
+    keys = []
+    attend = batch.executor._forward_alone
+
+    def spy(need):
+        keys.append(need.view.end)
+        return attend(need)
+
+    batch.executor._forward_alone = spy
+    seq = batch.add(prompt, DecodeSettings(gen_length=24), decoder=LEFT_TO_RIGHT, eos_token_id=[])
+    while batch.busy:
+        batch.step()
+    assert keys == list(range(len(prompt) + 1, len(prompt) + 24 + 1))[: len(keys)] and len(keys) >= 23
+    assert batch.executor.forwards == len(keys) + 1  # the prompt's forward alone was padded
+    assert seq.result.tokens == alone(tiny_model, (prompt, LEFT_TO_RIGHT, dict(gen_length=24), []))
+
+
 def test_entries_kept_out_of_place_after_an_eos_are_moved_in_the_batch_cache(tiny_model):
     """An EOS that cuts a multi-row infill short keeps entries laid out column by column: they are
     gathered to the front of the sequence's row, and the slots still pending read them."""

@@ -5,6 +5,9 @@ tasks from 1 and 8 concurrent clients, tokens/s of each.
     python -m mlx_lm.server --model /tmp/demo32 --port 8765 --decode-concurrency 16 &
     python examples/perf/vs_mlx_lm_server.py --port 8765
 
+``--model`` runs another checkpoint in both (mlx-lm's server started on it), for example the
+host-bound proxy of ``host_overhead.py --write``.
+
 On Linux, start mlx-lm's server with an optimized BLAS preloaded (for example
 ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3``), as refusion_mlx
 does for itself; otherwise its matrix products run on MLX's reference BLAS. Our server (the
@@ -45,17 +48,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True, help="where mlx-lm's server listens")
     parser.add_argument("--requests", type=int, default=96, help="prompts per run (after 16 warm-up ones)")
+    parser.add_argument("--model", help="the checkpoint mlx-lm's server runs, for ours too (default: the demo)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, run after run")
+    parser.add_argument("--decoders", nargs="+", default=["plan-and-infill", "left-to-right"],
+                        choices=["plan-and-infill", "left-to-right"], help="our decoders to measure")
     args = parser.parse_args()
     examples = test_split(size=args.requests)
     theirs = serve_bench.Client("127.0.0.1", args.port)
-    server = serve_bench.ServerProcess(None, 8)
+    server = serve_bench.ServerProcess(args.model, 8)
     ours = serve_bench.Client(server.host, server.port)
     try:
-        for clients in (1, 8):
+        runs = [("mlx-lm server (left to right)", theirs, None)]
+        runs += [(f"refusion_mlx {decoder}", ours, decoder) for decoder in args.decoders]
+        for clients in args.clients:
             theirs_tps = None
-            for name, client, decoder in (("mlx-lm server (left to right)", theirs, None),
-                                          ("refusion_mlx plan-and-infill", ours, "plan-and-infill"),
-                                          ("refusion_mlx left-to-right", ours, "left-to-right")):
+            for name, client, decoder in runs:
                 tps, answered = tokens_per_second(client, examples, clients, decoder)
                 theirs_tps = tps if theirs_tps is None else theirs_tps  # mlx-lm's runs first
                 ratio = tps / theirs_tps if theirs_tps else float("nan")

@@ -187,7 +187,10 @@ class SlotLayout:
 
     def record(self, view: CacheView, positions: np.ndarray):
         """Note the RoPE positions of the entries a forward writes (kept or not, decided later)."""
-        self.positions[view.written(len(positions))] = positions
+        if view.index is None:  # a slice, not an index array: this runs on every forward
+            self.positions[view.start : view.start + len(positions)] = positions
+        else:
+            self.positions[view.index] = positions
 
     def move(self, source: np.ndarray, start: int):
         """Copy the entries at ``source`` to ``start, start+1, ...`` (recorded for the buffers)."""
@@ -206,7 +209,10 @@ class SlotLayout:
         self._committed(entries.size)
 
     def _committed(self, n: int):
-        self.ages[self.length : self.length + n] = self.committed + np.arange(n)
+        if n == 1:  # left to right: every step
+            self.ages[self.length] = self.committed
+        else:
+            self.ages[self.length : self.length + n] = self.committed + np.arange(n)
         self.committed += n
         self.length += n
 
