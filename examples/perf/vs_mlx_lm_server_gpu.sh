@@ -26,6 +26,14 @@ trap cleanup EXIT
   nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sed 's/^/# /'
 } > "$LOG" 2>&1
 
+# Our server needs its HTTP stack; a GPU machine without network has to be given the wheels
+# (uvicorn, h11, click, starlette, anyio, sniffio, idna, pydantic, pydantic_core, annotated_types,
+# typing_inspection, typing_extensions).
+if ! python3 -c "import uvicorn, starlette, pydantic" 2>> "$LOG"; then
+  echo "# our server's dependencies are missing (uvicorn, starlette, pydantic): install their wheels first" >> "$LOG"
+  cat "$LOG"; exit 1
+fi
+
 timeout 60 python3 -m refusion_mlx.convert --hf-path refusion_mlx/demo/model --mlx-path "$WEIGHTS" \
     --dtype float32 >> "$LOG" 2>&1
 echo "# convert exit $?" >> "$LOG"
