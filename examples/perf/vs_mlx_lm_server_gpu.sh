@@ -27,8 +27,7 @@ trap cleanup EXIT
 } > "$LOG" 2>&1
 
 # Our server needs its HTTP stack; a GPU machine without network has to be given the wheels
-# (uvicorn, h11, click, starlette, anyio, sniffio, idna, pydantic, pydantic_core, annotated_types,
-# typing_inspection, typing_extensions).
+# (`bash examples/perf/gpu_wheels.sh` here writes them, with mlx-lm's, to .gpuwheels/).
 if ! python3 -c "import uvicorn, starlette, pydantic" 2>> "$LOG"; then
   echo "# our server's dependencies are missing (uvicorn, starlette, pydantic): install their wheels first" >> "$LOG"
   cat "$LOG"; exit 1
