@@ -61,7 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--data-only", action="store_true", help="write the data (and data.tar.xz) and stop")
     p.add_argument("--resume", action="store_true", help="continue from OUT/adapters if it is there")
     p.add_argument("--ship", action="store_true", help=f"copy the result into {DEMO_MODEL_PATH}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.single_turn_repeats < 1:
+        p.error(f"--single-turn-repeats must be at least 1, got {args.single_turn_repeats}")
+    return args
 
 
 def write_data(data: Path, args) -> Path:
