@@ -32,6 +32,7 @@ from .errors import RefusionError
 from .executor import Executor
 from .forwards import Forward, Sync, answers, request, sync
 from .kv import PromptCache, SlotLayout
+from .kv.layout import SINK
 from .transcript import Commit, GenerationResult, Transcript
 
 PLAN_AND_INFILL = "plan-and-infill"
@@ -221,13 +222,15 @@ class Scheduler:
 def prefill_in_chunks(state: DecodeState, size: int, steps):
     """``steps`` (a decoder's), after feeding the prompt's uncached tokens in forwards of ``size``
     tokens, one per scheduler step, until at most ``size`` are left: those the decoder's first
-    forward feeds along with its own. A bounded cache already feeds its prompt in chunks of its
-    own (``decode.make_room``) and is left to it."""
-    if state.cache.max_size is None:
-        while len(state.uncached) > size:
-            start = state.fed_from
-            yield from request(state, state.uncached[:size], range(start, start + size), state.cache.append(size),
-                               last=1)
-            state.cache.commit(size)
-            state.uncached = state.uncached[size:]
+    forward feeds along with its own. A bounded cache makes room before each chunk (as
+    ``decode.make_room`` does), in chunks no larger than it can hold beside its first entries."""
+    cache = state.cache
+    if cache.max_size is not None:
+        size = min(size, cache.max_size - SINK - 1)
+    while len(state.uncached) > size:
+        start = state.fed_from
+        cache.evict_for(size)
+        yield from request(state, state.uncached[:size], range(start, start + size), cache.append(size), last=1)
+        cache.commit(size)
+        state.uncached = state.uncached[size:]
     return (yield from steps)

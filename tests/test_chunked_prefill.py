@@ -45,3 +45,29 @@ def test_a_short_prompt_is_fed_whole_and_a_bad_step_refused(tiny_model):
     assert seq.result.tokens == generate_ids(tiny_model, [3, 4, 5], eos_token_id=[], **KNOBS).tokens
     with pytest.raises(RefusionError, match="prefill_step must be positive"):
         Scheduler(tiny_model, prefill_step=0)
+
+
+def test_a_bounded_cache_prefills_in_chunks_too(tiny_model):
+    """With ``max_kv_size``, a long prompt still joins ``prefill_step`` tokens at a time (making
+    room before each chunk), and the cache never holds more than its size."""
+    from refusion_mlx import make_prompt_cache
+
+    scheduler = Scheduler(tiny_model, prefill_step=4)
+    cache = make_prompt_cache(tiny_model, max_kv_size=24)
+    prompt = list(range(5, 45))  # 40 tokens through a 24-entry cache
+    seq = scheduler.add(prompt, DecodeSettings(gen_length=8), decoder=LEFT_TO_RIGHT, eos_token_id=[],
+                        prompt_cache=cache)
+    sizes, lengths = [], []
+    forward = scheduler.executor.forward
+
+    def watched(needs):
+        sizes.append(needs[0].size)
+        lengths.append(seq.state.cache.length)
+        return forward(needs)
+
+    scheduler.executor.forward = watched
+    while scheduler.busy:
+        scheduler.step()
+    assert sizes[:9] == [4] * 9 and max(sizes) <= 4 + 1  # the last chunk goes with the first token's forward
+    assert max(lengths) <= 24 and len(seq.result.tokens) == 8
+    assert seq.state.tokens_fed == len(prompt) + 7  # every prompt token fed once, then one per token
