@@ -168,14 +168,15 @@ class TextTranscript(Transcript):
     def add(self, commit: Commit) -> List[int]:
         if self.finished:
             return []
+        grown_from = self.prefix_length
         filled = super().add(commit)
-        tokens = self.prefix(with_eos=True)
-        if len(tokens) != self._decoded:
+        if self.prefix_length != grown_from:  # the gap-free start grew: its text is read again
+            tokens = self.prefix(with_eos=True)
             self._decoded = len(tokens)
-            if tokens[-1] in self.eos_ids:
+            if self.eos_in_prefix:
                 self.finish_reason = "stop"
             self._read(tokens)
-        if self.finish_reason is None and self.limit is not None and self.prefix_length >= self.limit:
+        if self.finish_reason is None and self.ended:
             self.finish_reason = "length"
         return filled
 
