@@ -12,6 +12,11 @@ import openai
 from conftest import with_root_on_path
 
 CORS_ORIGIN = "http://frontend.example"
+# A completion prompt in the demo's trained chat format whose answer (30 numbers, ~140 tokens) runs
+# well past a small max_tokens. Off its trained formats (a plain-text prompt) the demo's answer may
+# end after a few tokens, or never, depending on its weights: tests that need a cut use this.
+LONG_PROMPT = ("<|im_start|>user\nWrite 30 numbers, starting from 25 and adding 9 each time.<|im_end|>\n"
+               "<|im_start|>assistant\n")
 
 
 class Server:

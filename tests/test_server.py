@@ -12,7 +12,7 @@ import time
 import openai
 import pytest
 from conftest import with_root_on_path
-from serving import Server
+from serving import LONG_PROMPT, Server
 
 from refusion_mlx.autoregressive import generate_ar_ids
 from refusion_mlx.decode import generate_ids
@@ -58,9 +58,9 @@ def test_chat_answer_is_the_decoders(server, demo):
 
 def test_completion_cut_at_max_tokens(server, demo):
     model, tokenizer = demo
-    reply = server.client.completions.create(model="demo", prompt=REVERSE, max_tokens=20)
+    reply = server.client.completions.create(model="demo", prompt=LONG_PROMPT, max_tokens=20)
     # 20 tokens are decoded as 32 (4 blocks of 8-token slots) and the answer cut at 20.
-    alone = generate_ids(model, tokenizer.encode(REVERSE), eos_token_id=sorted(tokenizer.eos_token_ids),
+    alone = generate_ids(model, tokenizer.encode(LONG_PROMPT), eos_token_id=sorted(tokenizer.eos_token_ids),
                          gen_length=20)
     assert reply.choices[0].text == decoded(tokenizer, alone.tokens)
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 20
@@ -76,10 +76,8 @@ def test_streams_add_up_to_the_whole_answer(server):
     assert finals == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
 
-    # A plain-text prompt (no chat template) is off the demo's trained formats: its answer is
-    # short, so a small max_tokens is what makes sure it is cut.
-    plain = server.client.completions.create(model="demo", prompt=REVERSE, max_tokens=5).choices[0]
-    streamed = list(server.client.completions.create(model="demo", prompt=REVERSE, max_tokens=5, stream=True))
+    plain = server.client.completions.create(model="demo", prompt=LONG_PROMPT, max_tokens=5).choices[0]
+    streamed = list(server.client.completions.create(model="demo", prompt=LONG_PROMPT, max_tokens=5, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == plain.text
     assert streamed[-1].choices[0].finish_reason == plain.finish_reason == "length"
 

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from serving import LONG_PROMPT
 
 from refusion_mlx.autoregressive import generate_ar_ids
 from refusion_mlx.decode import generate_ids
@@ -12,7 +13,6 @@ from refusion_mlx.loading import load
 from refusion_mlx.tokenizer_utils import prompt_ids
 
 ADD = "What is 682 + 459? Work column by column."
-REVERSE = "Reverse the order of the words: apple river stone cloud"
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +75,17 @@ def test_streamed_chat_logprobs_add_up_to_the_whole_answers(server):
 
 def test_completions_logprobs_and_their_text_offsets(server, demo):
     model, tokenizer = demo
-    reply = server.client.completions.create(model="demo", prompt=REVERSE, max_tokens=20, logprobs=2)
+    reply = server.client.completions.create(model="demo", prompt=LONG_PROMPT, max_tokens=20, logprobs=2)
     choice = reply.choices[0]
     lp = choice.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 20
     assert "".join(lp.tokens) == choice.text
     assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(20)]
-    alone = generate_ids(model, tokenizer.encode(REVERSE), eos_token_id=sorted(tokenizer.eos_token_ids),
+    alone = generate_ids(model, tokenizer.encode(LONG_PROMPT), eos_token_id=sorted(tokenizer.eos_token_ids),
                          gen_length=20, logprobs=2)
     same_probabilities(lp.token_logprobs, [e[1] for e in expected_entries(tokenizer, alone)])
     assert all(len(top) <= 2 and max(top.values()) >= v - 1e-6 for top, v in zip(lp.top_logprobs, lp.token_logprobs))
-    streamed = list(server.client.completions.create(model="demo", prompt=REVERSE, max_tokens=20, logprobs=2,
+    streamed = list(server.client.completions.create(model="demo", prompt=LONG_PROMPT, max_tokens=20, logprobs=2,
                                                      stream=True))
     pieces = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
     assert sum((p.tokens for p in pieces), []) == lp.tokens
