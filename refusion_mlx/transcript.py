@@ -11,6 +11,7 @@ server returns and streams.
 """
 
 import bisect
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -144,22 +145,101 @@ def stop_overlap(text: str, stop: str) -> int:
     return 0
 
 
+class TextReader:
+    """The text of a growing list of token ids, as a whole decode reads it, at the cost of decoding
+    a short tail per token instead of every id again.
+
+    Invariants, after each ``add``, for decoders whose text past a point where it ends in a whole
+    character depends on at most ``CONTEXT`` characters before that point (byte-level BPE,
+    SentencePiece with or without Hugging Face's byte fallback, WordPiece with its space clean-up:
+    tests/test_transcript.py checks each against whole decodes): ``text == decode(ids)``; for
+    every k in 0..len(ids), ``lengths[k] == len(decode(ids[:k]))`` and
+    ``reached[k] == max(len(decode(ids[:j]).rstrip(U+FFFD)) for j <= k)`` (it never falls, though a
+    text can: a byte-fallback run that goes on with half a character turns into U+FFFDs);
+    ``_stable_text == decode(ids[:_stable])`` and ``text`` starts with it; ``_context <= _stable``,
+    ``_context_text == decode(ids[_context:_stable])``.
+
+    How: decoding depends on a little context (the leading space SentencePiece drops at the start
+    of a text, a character whose bytes are spread over tokens, spaces cleaned up before
+    punctuation), so the ids past ``_stable`` are decoded together with the ids from ``_context``,
+    a point at least ``CONTEXT`` characters earlier, and the context's own text is dropped. Both
+    points are places where the text ended in a whole character (no U+FFFD at its end). A window
+    whose text does not start with its context's text (the new ids changed text before
+    ``_stable``) is read by a whole decode, and reading starts over from there. A point right after
+    an id that alone decodes to U+FFFD (part of a character) is never used: decoders that read a
+    run of byte ids as one (SentencePiece's byte fallback in Hugging Face's tokenizers) may turn a
+    whole character before it into U+FFFD when the run goes on with half a character.
+    """
+
+    CONTEXT = 8  # characters; longer than any space clean-up pattern (" n't")
+
+    def __init__(self, decode):
+        self.decode = decode  # ids -> text
+        self.ids: List[int] = []
+        self.text = ""
+        self.lengths, self.reached = [0], [0]
+        self._part = {}  # id -> it alone decodes to U+FFFD
+        self._restart()
+
+    def _restart(self):
+        self._stable, self._stable_text = 0, ""
+        self._context, self._context_text = 0, ""
+        self._marks = deque([(0, 0)])  # (ids, characters) at points where the text ended in a whole character
+
+    def add(self, token: int) -> int:
+        """Read one more id; returns how many leading characters of ``text`` it left as they were."""
+        self.ids.append(token)
+        window = self.decode(self.ids[self._context:])
+        if window.startswith(self._context_text):
+            kept = len(self._stable_text)
+            self.text = self._stable_text + window[len(self._context_text):]
+        else:
+            kept = 0
+            self.text = self.decode(self.ids)
+            self._restart()
+        self.lengths.append(len(self.text))
+        self.reached.append(max(self.reached[-1], len(self.text.rstrip("\ufffd"))))
+        if not self.text.endswith("\ufffd") and not self._is_part(token):
+            self._settle()
+        return kept
+
+    def _is_part(self, token: int) -> bool:
+        if token not in self._part:
+            self._part[token] = "\ufffd" in self.decode([token])
+        return self._part[token]
+
+    def _settle(self):
+        """The text ends in a whole character: later ids are read after this point, with a context
+        that reaches ``CONTEXT`` characters back from it."""
+        self._stable, self._stable_text = len(self.ids), self.text
+        self._marks.append((self._stable, len(self.text)))
+        while len(self._marks) > 1 and len(self.text) - self._marks[1][1] >= self.CONTEXT:
+            self._marks.popleft()
+        self._context = self._marks[0][0]
+        self._context_text = self.decode(self.ids[self._context:self._stable])
+
+
 class TextTranscript(Transcript):
     """A transcript read as text, as a client gets it: the gap-free start decoded (special tokens
     skipped), cut at the first EOS, at ``limit`` tokens and before the first stop string.
 
     Invariants: ``text`` only grows until ``finish_reason`` is set ("stop": an EOS or a stop
     string; "length": the limit, or ``end`` with neither), and never changes after; commits that
-    arrive after that are ignored (they were under way when the answer was complete).
+    arrive after that are ignored (they were under way when the answer was complete). ``text`` is
+    what decoding the whole gap-free start (up to its first EOS) and cutting it gives, but each
+    position is decoded as it joins the gap-free start (``reader``: a few tokens' window each),
+    and stop strings are looked for only where the text changed: reading an answer is linear in
+    its length.
     """
 
     def __init__(self, eos_ids: Iterable[int], limit: Optional[int], tokenizer, stops: Sequence[str] = ()):
         super().__init__(eos_ids, limit)
         self.tokenizer, self.stops = tokenizer, list(stops)
+        self.reader = TextReader(self.decode)  # the gap-free start's tokens before its first EOS
         self.text = ""
         self.cut = False  # a stop string cut the text
         self.finish_reason: Optional[str] = None
-        self._decoded = 0  # length of the gap-free start ``text`` was decoded from
+        self._decoded = 0  # length of the gap-free start ``text`` was decoded from (an EOS included)
 
     @property
     def finished(self) -> bool:
@@ -170,12 +250,8 @@ class TextTranscript(Transcript):
             return []
         grown_from = self.prefix_length
         filled = super().add(commit)
-        if self.prefix_length != grown_from:  # the gap-free start grew: its text is read again
-            tokens = self.prefix(with_eos=True)
-            self._decoded = len(tokens)
-            if self.eos_in_prefix:
-                self.finish_reason = "stop"
-            self._read(tokens)
+        if self.prefix_length != grown_from:
+            self._read(grown_from)
         if self.finish_reason is None and self.ended:
             self.finish_reason = "length"
         return filled
@@ -189,27 +265,35 @@ class TextTranscript(Transcript):
         """The text of these ids: EOS and special tokens (chat markers) are not text."""
         return self.tokenizer.decode([t for t in ids if t not in self.eos_ids], skip_special_tokens=True)
 
-    def _read(self, tokens: List[int]):
-        text = self.decode(tokens)
-        for stop in self.stops:
-            at = text.find(stop)
+    def _read(self, start: int):
+        """Read the gap-free start's new positions from ``start``: up to the first EOS, then the stops."""
+        kept = len(self.reader.text)  # leading characters no new token changed: they hold no stop string
+        for position in range(start, self.prefix_length):
+            token = self.placed[position]
+            self._decoded = position + 1
+            if token in self.eos_ids:
+                self.finish_reason = "stop"
+                break
+            kept = min(kept, self.reader.add(token))
+        text = self.reader.text
+        for stop in self.stops:  # one after another, each in what the ones before left, as always
+            at = text.find(stop, max(0, kept - len(stop) + 1) if stop else 0)
             if at >= 0:
                 text, self.cut = text[:at], True
                 self.finish_reason = "stop"
         self.text = text
 
+    def offset(self, position: int) -> int:
+        """Characters of ``text`` before gap-free position ``position``: the text of the tokens
+        before it, no longer than ``text``."""
+        lengths = self.reader.lengths
+        return min(lengths[min(position, len(lengths) - 1)], len(self.text))
+
     def covering(self, length: int) -> int:
         """The fewest gap-free tokens whose text reaches ``length`` characters of ``text`` (a half
-        character at the end does not count)."""
-        tokens = self.prefix(with_eos=False)
-        low, high = 0, len(tokens)
-        while low < high:
-            mid = (low + high) // 2
-            if len(self.decode(tokens[:mid]).rstrip("\ufffd")) >= length:
-                high = mid
-            else:
-                low = mid + 1
-        return low
+        character at the end does not count), or all of them; a binary search over the lengths the
+        text reached."""
+        return bisect.bisect_left(self.reader.reached, length, 0, len(self.reader.ids))
 
     def returned_tokens(self) -> int:
         """Tokens the returned text is made of: every decoded one (an EOS included), or, when a stop

@@ -11,6 +11,7 @@ from refusion_mlx.autoregressive import generate_ar_ids
 from refusion_mlx.decode import generate_ids
 from refusion_mlx.loading import load
 from refusion_mlx.tokenizer_utils import prompt_ids
+from refusion_mlx.transcript import Commit
 
 ADD = "What is 682 + 459? Work column by column."
 
@@ -132,3 +133,41 @@ def test_chat_logprobs_bytes_join_into_the_text_when_tokens_split_characters(dem
     content = Reply(True, "demo", 1, [answer]).logprobs(answer, entries)["content"]
     assert bytes(b for e in content for b in e["bytes"]).decode("utf-8") == text
     assert all(e["top_logprobs"][0]["bytes"] == e["bytes"] for e in content)
+
+
+def test_completions_text_offsets_are_the_whole_decodes_lengths_whole_and_streamed(demo):
+    """``text_offset`` of each returned token is the length of the text of the tokens before it (a
+    whole decode's, no longer than the answer), read as commits arrive out of order and a stop
+    string cuts the text; streamed, each token's entry comes once, with the text that holds it."""
+    from types import SimpleNamespace
+
+    from refusion_mlx.serving.answers import Answer, Reply
+
+    _, tokenizer = demo
+    text = "猫😀 日本語, é and 👩‍👧 then the stop word and more after it"
+    ids = tokenizer.encode(text)
+    job = SimpleNamespace(eos=frozenset(), max_tokens=len(ids), settings=SimpleNamespace(logprobs=1))
+    answer = Answer(tokenizer, job, ["stop word"])
+    reply = Reply(False, "demo", 1, [answer], echo="Q: ")
+    chunks = [list(range(k, min(k + 3, len(ids)))) for k in range(0, len(ids), 3)]
+    streamed = []
+    for chunk in chunks[1::2] + chunks[0::2]:  # every other chunk first: the gap-free start grows in jumps
+        answer.add(Commit(chunk, [ids[p] for p in chunk], "infill", len(chunk), 1.0, [-0.5] * len(chunk),
+                          [[(ids[p], -0.5)] for p in chunk]))
+        answer.delta()
+        entries = answer.scores()
+        if entries:
+            streamed += reply.logprobs(answer, entries)["text_offset"]
+        if answer.finished:
+            break
+    answer.done()
+    streamed += reply.logprobs(answer, answer.scores(final=True))["text_offset"]
+    assert answer.finish_reason == "stop" and answer.text == text[:text.index("stop word")]
+    whole = Answer(tokenizer, job, ["stop word"])
+    whole.add(Commit(list(range(len(ids))), ids, "verify", len(ids), 1.0, [-0.5] * len(ids),
+                     [[(t, -0.5)] for t in ids]))
+    returned = whole.returned_tokens()
+    assert answer.returned_tokens() == returned
+    expected = [3 + min(len(tokenizer.decode(ids[:p])), len(answer.text)) for p in range(returned)]
+    assert reply.logprobs(whole, whole.scores(final=True))["text_offset"] == expected
+    assert streamed == expected

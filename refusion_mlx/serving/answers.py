@@ -99,12 +99,10 @@ class Reply:
                 return {"token": decode([token]), "logprob": logprob, "bytes": list(token_bytes(tokenizer, token))}
             return {"content": [{**item(token, lp), "top_logprobs": [item(*pair) for pair in top]}
                                 for _, token, lp, top in entries], "refusal": None}
-        prefix = answer.transcript.prefix(with_eos=False)
         return {"tokens": [decode([token]) for _, token, _, _ in entries],
                 "token_logprobs": [lp for _, _, lp, _ in entries],
                 "top_logprobs": [{decode([t]): v for t, v in top} for _, _, _, top in entries],
-                "text_offset": [len(self.echo) + min(len(answer.transcript.decode(prefix[:position])), len(answer.text))
-                                for position, _, _, _ in entries]}
+                "text_offset": [len(self.echo) + answer.transcript.offset(position) for position, _, _, _ in entries]}
 
     def whole(self) -> dict:
         choices = []
