@@ -66,23 +66,24 @@ def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Calla
         answer = yield from request(state, fed, range(start, start + len(fed)), state.cache.append(len(fed)),
                                     last=1)
         state.cache.commit(len(fed))
-        drawn = (n, *draw(state, settings, answer.logits[-1], answer.best[-1]))
+        drawn = (n, *draw(state, settings, answer.logits, answer.best))
         if chosen is not None and (yield from read(state, chosen, on_commit, ahead=(drawn[1], *drawn[2]))):
             return
-        chosen, fed, start = drawn, drawn[1].reshape(1), start + len(fed)
+        chosen, fed, start = drawn, drawn[1], start + len(fed)
     if chosen is not None:
         yield from read(state, chosen, on_commit)
 
 
 def draw(state: DecodeState, settings: DecodeSettings, logits: mx.array, best: mx.array):
-    """The next token (lazy: greedy, or sampled with the sequence's key) and, when asked, its
-    logprob arrays (``token_logprobs``)."""
+    """The next token as a lazy (1,) array (greedy: ``best``, else sampled with the sequence's key)
+    from one token's (1, vocabulary) ``logits``, and, when asked, its logprob arrays
+    (``token_logprobs``). Fed as it is to the next forward: no graph node is added per token."""
     if settings.temperature > 0:
         state.key, key = mx.random.split(state.key)
         choice = draft_tokens(logits, settings.temperature, key, settings.top_p, settings.top_k, settings.min_p)
     else:
         choice = best
-    scored = [] if settings.logprobs is None else token_logprobs(logits[None], choice.reshape(1), settings.logprobs)
+    scored = [] if settings.logprobs is None else token_logprobs(logits, choice, settings.logprobs)
     return choice, tuple(scored)
 
 
@@ -90,7 +91,7 @@ def read(state: DecodeState, chosen, on_commit: Callable[[Commit], None], ahead:
     """Read a drawn token on the host (``ahead`` queued first) and commit it; True at EOS."""
     n, choice, scored = chosen
     token, *scored = yield from to_host(choice, *scored, ahead=ahead)
-    token = int(token)
+    token = int(token[0])
     logprobs, top = Scores.from_host(scored).lists(1) if scored else (None, None)
     on_commit(Commit([n], [token], "left-to-right", 0, 1.0, logprobs, top))
     if token in state.eos_ids:
