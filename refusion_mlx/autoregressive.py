@@ -9,7 +9,6 @@ import time
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import mlx.core as mx
-import numpy as np
 
 from .decode import make_room, run_steps
 from .state import DecodeState, bounded_cache, finish, new_state
@@ -40,18 +39,26 @@ def start_ar_state(model, prompt_ids: Sequence[int], max_tokens: int, temperatur
 
 
 def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Callable[[Commit], None]):
-    """Left-to-right decoding as steps (``forwards.Forward``/``forwards.Sync``), for ``scheduler.Scheduler``:
-    at most ``settings.gen_length`` tokens, each handed to ``on_commit``.
+    """Left-to-right decoding as steps (``forwards.Forward``/``forwards.Sync``): at most
+    ``settings.gen_length`` tokens, each handed to ``on_commit``. The one implementation:
+    ``generate_ar_ids`` serves these steps alone (``decode.run_steps``), ``scheduler.Scheduler``
+    in a batch.
 
-    Pipelined as ``generate_ar_ids`` (and mlx-lm's ``generate_step``): forward n + 1 is fed token n
-    as a lazy array and queued before token n is read on the host, so the device computes while
-    the host commits and builds the next step. The tokens are the same; after an EOS the cache
-    holds one more entry (the EOS's, a valid one) and one more forward is counted."""
+    Pipelined as mlx-lm's ``generate_step``: forward n + 1 is fed token n as a lazy array and
+    queued before token n is read on the host, so the device computes while the host commits and
+    builds the next step. Hence, for k tokens: k forwards and prompt + k - 1 cache entries when
+    the limit ends them (the last token is never fed); k + 1 forwards, all counted, and prompt + k
+    entries (the EOS's included, a valid one: the history a prompt cache records) when an EOS
+    before the limit does. With a bounded cache the step in flight ends (a ``Sync`` with nothing
+    queued) before an eviction moves entries."""
     fed, start = [], state.prompt_length
     chosen = None  # (n, token, scores) of the last token drawn: lazy, not yet read
     for n in range(settings.gen_length):
         if chosen is not None and state.cache.must_evict(len(state.uncached) + len(fed)):
-            yield Sync((fed,))  # as generate_ar_ids: the step in flight ends before an eviction moves entries
+            # Wait for the step in flight: the eviction's moves then overwrite buffers nothing else holds,
+            # instead of copying the whole cache beside the one that step still reads (on a GPU the
+            # bounded peak varied with that race).
+            yield Sync((fed,))
         yield from make_room(state, len(fed))
         if state.uncached:
             fed, start = state.uncached, state.fed_from
@@ -59,23 +66,24 @@ def left_to_right(state: DecodeState, settings: DecodeSettings, on_commit: Calla
         answer = yield from request(state, fed, range(start, start + len(fed)), state.cache.append(len(fed)),
                                     last=1)
         state.cache.commit(len(fed))
-        drawn = (n, *draw(state, settings, answer.logits[-1], answer.best[-1]))
+        drawn = (n, *draw(state, settings, answer.logits, answer.best))
         if chosen is not None and (yield from read(state, chosen, on_commit, ahead=(drawn[1], *drawn[2]))):
             return
-        chosen, fed, start = drawn, drawn[1].reshape(1), start + len(fed)
+        chosen, fed, start = drawn, drawn[1], start + len(fed)
     if chosen is not None:
         yield from read(state, chosen, on_commit)
 
 
 def draw(state: DecodeState, settings: DecodeSettings, logits: mx.array, best: mx.array):
-    """The next token (lazy: greedy, or sampled with the sequence's key) and, when asked, its
-    logprob arrays (``token_logprobs``)."""
+    """The next token as a lazy (1,) array (greedy: ``best``, else sampled with the sequence's key)
+    from one token's (1, vocabulary) ``logits``, and, when asked, its logprob arrays
+    (``token_logprobs``). Fed as it is to the next forward: no graph node is added per token."""
     if settings.temperature > 0:
         state.key, key = mx.random.split(state.key)
         choice = draft_tokens(logits, settings.temperature, key, settings.top_p, settings.top_k, settings.min_p)
     else:
         choice = best
-    scored = [] if settings.logprobs is None else token_logprobs(logits[None], choice.reshape(1), settings.logprobs)
+    scored = [] if settings.logprobs is None else token_logprobs(logits, choice, settings.logprobs)
     return choice, tuple(scored)
 
 
@@ -83,7 +91,7 @@ def read(state: DecodeState, chosen, on_commit: Callable[[Commit], None], ahead:
     """Read a drawn token on the host (``ahead`` queued first) and commit it; True at EOS."""
     n, choice, scored = chosen
     token, *scored = yield from to_host(choice, *scored, ahead=ahead)
-    token = int(token)
+    token = int(token[0])
     logprobs, top = Scores.from_host(scored).lists(1) if scored else (None, None)
     on_commit(Commit([n], [token], "left-to-right", 0, 1.0, logprobs, top))
     if token in state.eos_ids:
@@ -107,55 +115,19 @@ def generate_ar_ids(
     """Generate up to ``max_tokens`` ids left to right; stops after the first EOS.
 
     ``prompt_cache``, ``max_kv_size`` and ``logprobs`` as for ``generate_ids`` (a token's logprob:
-    log_softmax of the logits it was chosen from, before temperature).
+    log_softmax of the logits it was chosen from, before temperature). Runs
+    ``left_to_right``'s steps for this sequence alone, the steps the scheduler runs in a batch.
     """
     if logprobs is not None:
         logprobs = check_int("logprobs", logprobs, 0, MAX_TOP_LOGPROBS)
     prompt_cache = bounded_cache(model, prompt_cache, max_kv_size)
     prompt_ids = check_token_ids("prompt_ids", prompt_ids)
     state = start_ar_state(model, prompt_ids, max_tokens, temperature, seed, eos_token_id, prompt_cache)
-    cache = state.cache
+    settings = DecodeSettings(gen_length=max_tokens, temperature=temperature, seed=seed, logprobs=logprobs)
     transcript = Transcript(state.eos_ids, max_tokens)
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    run_steps(model, state, make_room(state, 0))  # a bounded cache: a long prompt in chunks first
-    fed, first = state.uncached, state.fed_from
-    calls = 0
-
-    def step(tokens, start):
-        nonlocal calls
-        calls += 1
-        if cache.must_evict(tokens.size):
-            # Let the step in flight finish first: the eviction's moves then overwrite buffers nothing
-            # else holds, instead of copying the whole cache beside the one that step still reads
-            # (on a GPU the bounded peak otherwise varied with that race).
-            mx.eval(tokens)
-            cache.evict_for(tokens.size)
-        view = cache.append(tokens.size)
-        cache.record(view, np.arange(start, start + tokens.size))
-        logits = model(tokens.reshape(1, -1), start, cache, view, last=1)[0, -1]
-        cache.commit(tokens.size)
-        sub = None
-        if temperature > 0:
-            state.key, sub = mx.random.split(state.key)
-        token = draft_tokens(logits, temperature, sub)
-        scored = [] if logprobs is None else token_logprobs(logits[None], token.reshape(1), logprobs)
-        return token, scored
-
-    token, scored = step(mx.array(fed), first)
-    mx.async_eval(token, *scored)
-    for n in range(max_tokens):
-        following, next_scored = step(token, state.prompt_length + n) if n + 1 < max_tokens else (None, [])
-        if following is not None:
-            mx.async_eval(following, *next_scored)
-        value = token.item()
-        lists = Scores.from_host([np.array(a) for a in scored]).lists(1) if scored else (None, None)
-        transcript.add(Commit([n], [value], "left-to-right", 0, 1.0, *lists))
-        if value in state.eos_ids:
-            break
-        token, scored = following, next_scored
-    state.model_calls += calls
-    state.tokens_fed += len(fed) + calls - 1
+    run_steps(model, state, left_to_right(state, settings, transcript.add))
     return finish(state, transcript, time.perf_counter() - tic, prompt_ids, prompt_cache, tpf=1.0)
 
 

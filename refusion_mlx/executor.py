@@ -13,7 +13,7 @@ from typing import List, Optional
 import mlx.core as mx
 import numpy as np
 
-from .forwards import Forward, rope_positions, token_array
+from .forwards import Forward, model_inputs, rope_positions, token_array
 from .kv import QUERY_BUCKET, BatchCache, BatchView, PackedRows, SlotCache, SlotLayout, key_bucket
 
 
@@ -163,5 +163,5 @@ class Executor:
         """One sequence appending: contiguous writes and a causal mask, exactly as ``decode.forward``."""
         start, n = need.view.start, need.size
         view = BatchView(None, start + n, need.view.mask, start)
-        return self.model(token_array(need.tokens)[None], rope_positions(need.positions), self.cache, view,
-                          last=need.last)[0]
+        return self.model(model_inputs(need.tokens), rope_positions(need.positions), self.cache, view,
+                          last=need.last).squeeze(0)  # as forwards.forward: no gather

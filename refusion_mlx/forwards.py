@@ -67,7 +67,10 @@ def request(state, tokens, positions, view: CacheView, last: Optional[int] = Non
             probe: Optional[tuple] = None):
     """Ask for a forward (a generator step: ``answer = yield from request(...)``); gets ``Logits``.
     The forward is counted in ``state`` (a ``state.DecodeState``) once it has been run."""
-    positions = np.asarray(positions, dtype=np.int32).reshape(-1)
+    if isinstance(positions, range):  # a run (every left-to-right step): np.asarray would walk it item by item
+        positions = np.arange(positions.start, positions.stop, positions.step, dtype=np.int32)
+    else:
+        positions = np.asarray(positions, dtype=np.int32).reshape(-1)
     state.cache.record(view, positions)
     answer = yield Forward(tokens, positions, view, last, probe)
     state.model_calls += 1
@@ -102,6 +105,15 @@ def token_array(tokens) -> mx.array:
     if isinstance(tokens, mx.array):
         return tokens.reshape(-1).astype(mx.int32)
     return mx.array(np.asarray(tokens, dtype=np.int32).reshape(-1))
+
+
+def model_inputs(tokens) -> mx.array:
+    """One sequence's tokens as the model's (1, n) input. A lazy device array (a drawn token) is
+    only reshaped: any integer dtype indexes the embedding, and every extra graph node is paid per
+    token where the host bounds decoding (a left-to-right step)."""
+    if isinstance(tokens, mx.array):
+        return tokens.reshape(1, -1)
+    return mx.array(np.asarray(tokens, dtype=np.int32).reshape(1, -1))
 
 
 def answers(logits: mx.array, needs: Sequence[Forward]) -> List[Logits]:
@@ -144,6 +156,7 @@ def rope_positions(positions: np.ndarray):
 
 def forward(model, cache: SlotCache, need: Forward) -> Logits:
     """Run one ``Forward`` on ``model`` with one sequence's cache; its (lazy) ``Logits``."""
-    inputs = token_array(need.tokens)[None]
-    logits = model(inputs, rope_positions(need.positions), cache, need.view, last=need.last)[0]
+    # squeeze, not [0]: an integer index is a gather, a copy of the logits on every forward.
+    logits = model(model_inputs(need.tokens), rope_positions(need.positions), cache, need.view,
+                   last=need.last).squeeze(0)
     return answers(logits, [need])[0]

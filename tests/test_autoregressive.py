@@ -22,11 +22,22 @@ def test_greedy_matches_recomputing_everything(tiny_model):
 
 
 def test_stops_after_eos(tiny_model):
+    """The forward fed the EOS was queued before the EOS was read: it is counted, and its entry is
+    the cache's (prompt + answer, as a prompt cache's history says); at the limit the last token is
+    never fed."""
+    from refusion_mlx import make_prompt_cache
+
     prompt = [7, 8, 9, 10]
     free = naive_greedy(tiny_model, prompt, 12)
     eos = free[5]
-    r = generate_ar_ids(tiny_model, prompt, max_tokens=12, eos_token_id=eos)
+    cache = make_prompt_cache(tiny_model)
+    r = generate_ar_ids(tiny_model, prompt, max_tokens=12, eos_token_id=eos, prompt_cache=cache)
     assert r.tokens == free[:free.index(eos) + 1]
+    assert r.model_calls == len(r.tokens) + 1 and r.tokens_fed == len(prompt) + len(r.tokens)
+    assert cache.length == len(prompt) + len(r.tokens) == len(cache.history)
+    cache = make_prompt_cache(tiny_model)
+    r = generate_ar_ids(tiny_model, prompt, max_tokens=5, eos_token_id=[], prompt_cache=cache)
+    assert r.tokens == free[:5] and r.model_calls == 5 and cache.length == len(prompt) + 4
 
 
 def test_sampling_is_seeded(tiny_model):
@@ -68,7 +79,7 @@ def test_the_scheduler_steps_queue_the_next_forward_before_reading_a_token(tiny_
 def test_left_to_right_finishes_the_step_in_flight_before_an_eviction(tiny_model):
     """A bounded cache: the scheduler's left-to-right steps wait (a Sync with nothing queued) before
     every eviction, so no running step still reads the buffers the eviction moves entries in; the
-    tokens are generate_ar_ids' (which waits the same way) and the batch API's."""
+    tokens are generate_ar_ids' (these steps alone) and the batch API's."""
     from refusion_mlx import batch_generate_ids, make_prompt_cache
     from refusion_mlx.autoregressive import start_ar_state
     from refusion_mlx.batch import LEFT_TO_RIGHT
