@@ -85,7 +85,8 @@ class Executor:
             offset += need.size
         positions = mx.array(np.concatenate([need.positions for need in needs])[None])
         return self.model(self._tokens(needs)[None], positions, self.cache,
-                          BatchView(None, 0, None, attend=rows), wanted=mx.array(np.concatenate(wanted)))[0]
+                          BatchView(None, 0, None, attend=rows),
+                          wanted=mx.array(np.concatenate(wanted))).squeeze(0)  # not [0]: no gather
 
     def _tokens(self, needs: List[Forward], pads: Optional[List[int]] = None) -> mx.array:
         """The fed tokens, one sequence after another (flat), or in rows left-padded by ``pads``:

@@ -108,9 +108,10 @@ def token_array(tokens) -> mx.array:
 
 
 def model_inputs(tokens) -> mx.array:
-    """One sequence's tokens as the model's (1, n) input. A lazy device array (a drawn token) is
-    only reshaped: any integer dtype indexes the embedding, and every extra graph node is paid per
-    token where the host bounds decoding (a left-to-right step)."""
+    """One sequence's tokens as the model's (1, n) input. A lazy device array (a drawn token, an
+    infill's verify pass) is only reshaped, whatever its integer dtype (argmax's uint32): any
+    integer indexes the embedding, and every extra graph node is paid per token where the host
+    bounds decoding (a left-to-right step)."""
     if isinstance(tokens, mx.array):
         return tokens.reshape(1, -1)
     return mx.array(np.asarray(tokens, dtype=np.int32).reshape(1, -1))

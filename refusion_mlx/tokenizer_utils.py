@@ -114,6 +114,18 @@ def _byte_level_chars() -> dict:
     return table
 
 
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback: one byte per id
+
+
+def byte_piece_test(tokenizer):
+    """``id -> whether it is a byte-fallback piece`` (named ``<0xNN>``), from the tokenizer's names
+    for its ids; None where it has none."""
+    name = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if name is None:
+        return None
+    return lambda token: BYTE_PIECE.fullmatch(str(name(token))) is not None
+
+
 def token_bytes(tokenizer, token: int) -> bytes:
     """The bytes one token stands for. A token holding part of a character (byte-level BPE, or
     SentencePiece's <0xNN> fallback) decodes alone to U+FFFD; its own bytes are read from its
@@ -123,7 +135,7 @@ def token_bytes(tokenizer, token: int) -> bytes:
         return text.encode("utf-8", "surrogatepass")
     piece = tokenizer.convert_ids_to_tokens(token)
     if isinstance(piece, str):
-        fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        fallback = BYTE_PIECE.fullmatch(piece)
         if fallback:
             return bytes([int(fallback.group(1), 16)])
         table = _byte_level_chars()

@@ -17,6 +17,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from .tokenizer_utils import byte_piece_test
+
 
 @dataclass
 class Commit:
@@ -166,19 +168,25 @@ class TextReader:
     points are places where the text ended in a whole character (no U+FFFD at its end). A window
     whose text does not start with its context's text (the new ids changed text before
     ``_stable``) is read by a whole decode, and reading starts over from there. A point right after
-    an id that alone decodes to U+FFFD (part of a character) is never used: decoders that read a
-    run of byte ids as one (SentencePiece's byte fallback in Hugging Face's tokenizers) may turn a
-    whole character before it into U+FFFD when the run goes on with half a character.
+    a byte-fallback piece (``is_byte_piece``: SentencePiece's ``<0xNN>``) is never used: decoders
+    that read a run of such pieces as one (Hugging Face's ByteFallback, SentencePiece's own) may
+    turn a whole character before it into U+FFFD when the run goes on with half a character, and
+    every such restart would begin again at the first id. Byte-level BPE joins bytes across ids
+    and never does that, so its pieces of a character do not hold reading back (where the
+    tokenizer cannot name its ids, any id that alone decodes to U+FFFD is taken for a piece).
+    Reading is linear in the ids except inside a run of byte-fallback pieces or of ids that
+    decode to nothing (skipped special tokens): the window then spans the run.
     """
 
     CONTEXT = 8  # characters; longer than any space clean-up pattern (" n't")
 
-    def __init__(self, decode):
+    def __init__(self, decode, is_byte_piece=None):
         self.decode = decode  # ids -> text
+        self.is_byte_piece = is_byte_piece or (lambda token: "\ufffd" in decode([token]))
         self.ids: List[int] = []
         self.text = ""
         self.lengths, self.reached = [0], [0]
-        self._part = {}  # id -> it alone decodes to U+FFFD
+        self._part = {}  # id -> is_byte_piece(id), asked once
         self._restart()
 
     def _restart(self):
@@ -205,7 +213,7 @@ class TextReader:
 
     def _is_part(self, token: int) -> bool:
         if token not in self._part:
-            self._part[token] = "\ufffd" in self.decode([token])
+            self._part[token] = bool(self.is_byte_piece(token))
         return self._part[token]
 
     def _settle(self):
@@ -235,7 +243,8 @@ class TextTranscript(Transcript):
     def __init__(self, eos_ids: Iterable[int], limit: Optional[int], tokenizer, stops: Sequence[str] = ()):
         super().__init__(eos_ids, limit)
         self.tokenizer, self.stops = tokenizer, list(stops)
-        self.reader = TextReader(self.decode)  # the gap-free start's tokens before its first EOS
+        # the gap-free start's tokens before its first EOS
+        self.reader = TextReader(self.decode, byte_piece_test(tokenizer))
         self.text = ""
         self.cut = False  # a stop string cut the text
         self.finish_reason: Optional[str] = None

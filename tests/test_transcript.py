@@ -69,6 +69,9 @@ class SentencePieceTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return self.processor.decode(list(ids))
 
+    def convert_ids_to_tokens(self, token):
+        return self.processor.id_to_piece(token)
+
     def __len__(self):
         return self.processor.get_piece_size()
 
@@ -220,3 +223,41 @@ def test_text_read_token_by_token_is_the_whole_decode_at_every_step(tokenizer):
         text_ids = plain.text_ids()
         assert [transcript.offset(p) for p in range(len(text_ids) + 1)] == \
             [min(len(plain.decode(text_ids[:p])), len(plain.text)) for p in range(len(text_ids) + 1)], where
+
+
+class CountingDecodes:
+    """A tokenizer that counts the ids it is asked to decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids, **kwargs):
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+ENGLISH = "The quick brown fox jumps over the lazy dog. " * 30
+CJK = "\u65e5\u672c\u8a9e\u306e\u6587\u7ae0\u3002\U0001f600" * 60  # 3- and 4-byte characters
+
+
+@pytest.mark.parametrize("tokenizer, text", [
+    ("demo byte-level BPE", ENGLISH), ("demo byte-level BPE", CJK),  # split characters: byte-level pieces
+    ("SentencePiece", ENGLISH), ("HF SentencePiece", ENGLISH), ("WordPiece", ENGLISH),
+], indirect=["tokenizer"], ids=["BPE-English", "BPE-CJK", "SentencePiece-English", "HF-SentencePiece-English",
+                                "WordPiece-English"])
+@pytest.mark.parametrize("per_commit", [1, 32])
+def test_reading_decodes_a_bounded_window_per_token(tokenizer, text, per_commit):
+    """Text is read in a few ids' window per token, one token or 32 per commit, in English and in
+    characters split over byte-level BPE's ids: decoding whole prefixes would ask for ~n^2/2 ids;
+    the bound here is linear. (A run of byte-fallback pieces, or of ids that decode to nothing, is
+    read in a window as long as the run: ``TextReader``'s docstring.)"""
+    ids = tokenizer.encode(text, add_special_tokens=False)[:400]
+    counting = CountingDecodes(tokenizer)
+    transcript = TextTranscript([], None, counting)
+    for start in range(0, len(ids), per_commit):
+        transcript.add(commit(range(start, min(start + per_commit, len(ids))), ids[start : start + per_commit]))
+    assert transcript.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert counting.decoded <= 64 * len(ids), f"{counting.decoded} ids decoded for {len(ids)}"

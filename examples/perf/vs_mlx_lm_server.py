@@ -33,12 +33,13 @@ def body(query, decoder=None):
     return request
 
 
-def tokens_per_second(client, examples, clients, decoder=None, warmup=None):
-    """Every example once, ``clients`` at a time, after an untimed pass over the first ``warmup``
-    (default: all of them). MLX-CUDA compiles kernels on first use: on a fresh H200 a warm-up of
-    16 prompts left plan-and-infill's single-client row at 0.92x mlx-lm's, 5.04x on a second run."""
+def tokens_per_second(client, examples, warmup, clients, decoder=None):
+    """Every example once, ``clients`` at a time, after an untimed pass over the ``warmup`` ones
+    (other prompts: both servers keep prompt caches, which the timed prompts must not hit).
+    MLX-CUDA compiles kernels on first use: on a fresh H200 a warm-up of 16 prompts left
+    plan-and-infill's single-client row at 0.92x mlx-lm's, 5.04x on a second run."""
     post = lambda x: client.post("/v1/chat/completions", body(x["query"], decoder), True)  # noqa: E731
-    serve_bench.run_clients(examples[:warmup], clients, post)
+    serve_bench.run_clients(warmup, clients, post)
     tic = time.perf_counter()
     outcomes = serve_bench.run_clients(examples, clients, post)
     wall = time.perf_counter() - tic
@@ -50,13 +51,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True, help="where mlx-lm's server listens")
     parser.add_argument("--requests", type=int, default=96, help="prompts per run")
-    parser.add_argument("--warmup", type=int, help="untimed prompts before each run (default: all of them)")
+    parser.add_argument("--warmup", type=int, help="untimed prompts (not the timed ones) before each run "
+                                                   "(default: as many as --requests)")
     parser.add_argument("--model", help="the checkpoint mlx-lm's server runs, for ours too (default: the demo)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, run after run")
     parser.add_argument("--decoders", nargs="+", default=["plan-and-infill", "left-to-right"],
                         choices=["plan-and-infill", "left-to-right"], help="our decoders to measure")
     args = parser.parse_args()
-    examples = test_split(size=args.requests)
+    warmup = args.requests if args.warmup is None else args.warmup
+    if warmup < 0 or args.requests < 1:
+        parser.error("--requests must be at least 1 and --warmup at least 0")
+    examples = test_split(size=args.requests + warmup)
+    examples, warmup = examples[:args.requests], examples[args.requests:]
     theirs = serve_bench.Client("127.0.0.1", args.port)
     server = serve_bench.ServerProcess(args.model, 8)
     ours = serve_bench.Client(server.host, server.port)
@@ -66,7 +72,7 @@ def main():
         for clients in args.clients:
             theirs_tps = None
             for name, client, decoder in runs:
-                tps, answered = tokens_per_second(client, examples, clients, decoder, args.warmup)
+                tps, answered = tokens_per_second(client, examples, warmup, clients, decoder)
                 theirs_tps = tps if theirs_tps is None else theirs_tps  # mlx-lm's runs first
                 ratio = tps / theirs_tps if theirs_tps else float("nan")
                 print(f"{name:32s} {clients:2d} clients: {tps:8.1f} tokens/s {ratio:5.2f}x mlx-lm "
